@@ -1,0 +1,83 @@
+"""Start a local Ray or connect to a cluster: the one place that calls `ray.init`.
+
+`ray.init()` with no address joins whatever cluster `/tmp/ray/ray_current_cluster` names, even a dead one,
+so a local instance is always started with `address="local"`; we connect only to an explicit address or to
+the `RAY_ADDRESS` that a Ray job sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import ray
+import ray.data
+
+from pipeline.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(config: RayConfig) -> Iterator[None]:
+    """Use the running Ray if there is one, else start/connect per `config`; shut down only what we started."""
+    configure_data_context()
+    if ray.is_initialized():
+        yield
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        log.info("starting a local Ray (num_cpus=%s)", config.num_cpus or os.cpu_count())
+        ray.init(
+            address="local",
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus,
+            include_dashboard=config.include_dashboard,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_cpus() -> float:
+    """CPUs the connected cluster has in total."""
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+# Transient object-store errors (as raised through s3fs/aiobotocore and pyarrow) that Ray Data retries.
+RETRIED_IO_ERRORS = (
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "503",
+    "500 Internal Server Error",
+    "Connection was closed",
+    "ConnectionError",
+    "Read timeout",
+    "Connect timeout",
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+)
+
+
+def configure_data_context(show_progress: bool = False) -> None:
+    """Set Ray Data's per-driver context: our own progress display instead of Ray's, and retries for
+    transient object-store errors. Ray Data ships this context to every task it runs."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = show_progress
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    ctx.retried_io_errors = sorted(set(ctx.retried_io_errors) | set(RETRIED_IO_ERRORS))
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

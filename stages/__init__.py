@@ -1,0 +1,1 @@
+"""Ray Data stages: read, decode, score, embed, prune, manifest, stream. One stage per module."""

@@ -1,0 +1,190 @@
+"""Decode stage: image bytes → RGB uint8 array at a fixed size, or a quarantine reason. Never raises.
+
+Input columns: `bytes` (raw object), `path`. Output columns: `path`, `sha256`, `image` (N×S×S×3 uint8; zeros
+where decoding failed), `ok` (bool), `reason` (`ok` or a quarantine reason), `error` (message or "").
+
+Resize policy (`decode.resize`): `center-crop` (default) scales the shorter side to S and crops the centre
+S×S, keeping the aspect ratio as training crops expect; `squash` resizes straight to S×S. EXIF orientation
+is applied first; transparent pixels are composited on `decode.background`; 16-bit and float images are
+scaled to 8 bits by their own range; animated images use their first frame.
+
+Quarantine reasons:
+- `empty`: a zero-byte object.
+- `too-large`: over `max_bytes`, or declared dimensions over `max_pixels` (decided from the header, before
+  any pixel is decoded, so a decompression bomb costs nothing).
+- `not-an-image`: no image format recognises the bytes (text, HTML error pages, random bytes).
+- `truncated`: the header is fine but the pixel data ends early.
+- `corrupt`: the pixel data is damaged in another way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.config import DecodeConfig
+
+QUARANTINE_REASONS = ("empty", "too-large", "not-an-image", "truncated", "corrupt")
+
+
+class BadImage(Exception):
+    """An object that cannot become a training image; `reason` is one of QUARANTINE_REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    image_size: int = 32
+    resize: str = "center-crop"
+    max_pixels: int = 89_478_485
+    max_bytes: int = 256 * 1024 * 1024
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    @classmethod
+    def from_config(cls, config: DecodeConfig) -> DecodeOptions:
+        return cls(
+            image_size=config.image_size,
+            resize=config.resize,
+            max_pixels=config.max_pixels,
+            max_bytes=config.max_bytes,
+            background=tuple(config.background),
+        )
+
+
+def _open(data: bytes, options: DecodeOptions) -> Image.Image:
+    if len(data) == 0:
+        raise BadImage("empty", "zero-byte object")
+    if len(data) > options.max_bytes:
+        raise BadImage("too-large", f"{len(data)} bytes > decode.max_bytes={options.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below decides; PIL's warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage("too-large", str(e)) from None
+    except UnidentifiedImageError:
+        raise BadImage("not-an-image", "no image format recognises these bytes") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage("not-an-image", f"{type(e).__name__}: {e}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise BadImage("corrupt", f"declared size {width}x{height}")
+    if width * height > options.max_pixels:
+        raise BadImage(
+            "too-large",
+            f"{width}x{height} = {width * height} pixels > decode.max_pixels={options.max_pixels}",
+        )
+    return image
+
+
+def _load(image: Image.Image, size: int) -> Image.Image:
+    """Decode the pixels (first frame only); JPEGs decode at a reduced scale when much larger than `size`."""
+    try:
+        if image.format == "JPEG":
+            image.draft(image.mode if image.mode in ("RGB", "L") else None, (size, size))
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        message = f"{type(e).__name__}: {e}"
+        lowered = message.lower()
+        reason = (
+            "truncated" if ("truncat" in lowered or "eof" in lowered or "premature" in lowered) else "corrupt"
+        )
+        raise BadImage(reason, message) from None
+    return image
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any PIL mode → RGB; transparency composited on `background`, high bit depths scaled by range."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _resize(image: Image.Image, size: int, policy: str) -> Image.Image:
+    if policy == "squash":
+        return image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    box = (left, top, left + side, top + side)  # the centred square, cropped as part of the resize
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+
+
+def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray:
+    """Decode one object to an `image_size`×`image_size`×3 uint8 array; raises `BadImage` with a reason."""
+    image = _open(data, options)
+    image = _load(image, options.image_size)
+    try:
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image, options.background)
+        image = _resize(image, options.image_size, options.resize)
+        array = np.asarray(image, dtype=np.uint8)
+    except BadImage:
+        raise
+    except Exception as e:  # damaged EXIF, palette or pixel data discovered late
+        raise BadImage("corrupt", f"{type(e).__name__}: {e}") from None
+    expected = (options.image_size, options.image_size, 3)
+    if array.shape != expected:
+        raise BadImage("corrupt", f"decoded shape {array.shape}, expected {expected}")
+    return array
+
+
+class DecodeStage:
+    """Ray Data `map_batches` callable: decodes a batch of objects, turning failures into quarantine rows."""
+
+    name = "decode"
+    requires = ("path", "bytes")
+    produces = ("path", "sha256", "image", "ok", "reason", "error")
+
+    def __init__(self, options: DecodeOptions) -> None:
+        self.options = options
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        size = self.options.image_size
+        paths = list(batch["path"])
+        blobs = list(batch["bytes"])
+        n = len(paths)
+        images = np.zeros((n, size, size, 3), dtype=np.uint8)
+        sha, ok, reason, error = [], np.zeros(n, dtype=bool), [], []
+        for i, blob in enumerate(blobs):
+            data = bytes(blob) if blob is not None else b""
+            sha.append(hashlib.sha256(data).hexdigest())
+            try:
+                images[i] = decode_image(data, self.options)
+                ok[i] = True
+                reason.append("ok")
+                error.append("")
+            except BadImage as e:
+                reason.append(e.reason)
+                error.append(str(e)[:500])
+        out = {k: v for k, v in batch.items() if k != "bytes"}
+        out.update(
+            path=np.asarray(paths, dtype=object),
+            sha256=np.asarray(sha, dtype=object),
+            image=images,
+            ok=ok,
+            reason=np.asarray(reason, dtype=object),
+            error=np.asarray(error, dtype=object),
+        )
+        return out

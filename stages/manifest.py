@@ -1,0 +1,113 @@
+"""Manifest stage: the Parquet record of what was kept and why, written atomically to any fsspec URL.
+
+`manifest.parquet` has one row per decodable input object (schema `MANIFEST_SCHEMA`): higher scores mean
+harder examples; a score column that was not computed is null. `quarantine.parquet` has one row per object
+that could not be decoded. Key-value metadata holds the config (secrets redacted), the maskdiet version and
+the run id. The file is serialised in memory, then written in one atomic step (see
+`pipeline.storage.atomic_write_bytes`), so a reader never sees half a manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline.storage import atomic_write_bytes, url_to_fs
+
+SCORE_COLUMNS = ("el2n", "el2n_std", "grand", "forgetting", "prototype")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # full URL of the object
+        ("sha256", pa.string()),  # of the object's bytes
+        ("label", pa.int64()),  # -1 when unlabeled
+        ("class_name", pa.string()),
+        ("el2n", pa.float64()),  # mean over proxy models; higher = harder
+        ("el2n_std", pa.float64()),  # std over proxy models
+        ("grand", pa.float64()),  # gradient norm; higher = harder
+        ("forgetting", pa.float64()),  # forgetting events during proxy training
+        ("prototype", pa.float64()),  # distance to the nearest k-means prototype; higher = harder
+        ("duplicate_group", pa.int64()),  # near-duplicate group id (null: not computed)
+        ("score", pa.float64()),  # the score used to prune (null with --score none)
+        ("kept", pa.bool_()),
+        ("reason", pa.string()),  # kept | pruned:easy | pruned:hard | pruned:random | pruned:duplicate ...
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("sha256", pa.string()),
+        ("reason", pa.string()),  # empty | not-an-image | truncated | too-large | corrupt
+        ("error", pa.string()),
+    ]
+)
+
+MANIFEST_NAME = "manifest.parquet"
+QUARANTINE_NAME = "quarantine.parquet"
+
+
+def _table(frame: pd.DataFrame, schema: pa.Schema, metadata: dict[str, Any]) -> pa.Table:
+    frame = frame.copy()
+    for name in schema.names:
+        if name not in frame.columns:
+            frame[name] = None
+    frame = frame[schema.names].sort_values("path", kind="stable").reset_index(drop=True)
+    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+    meta = {
+        b"maskdiet.version": __version__.encode(),
+        b"maskdiet.written": dt.datetime.now(dt.UTC).isoformat().encode(),
+    }
+    for key, value in metadata.items():
+        meta[f"maskdiet.{key}".encode()] = (value if isinstance(value, str) else json.dumps(value)).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def _write(url: str, table: pa.Table, storage_options: dict[str, Any] | None) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    atomic_write_bytes(url, buffer.getvalue(), storage_options)
+
+
+def write_manifest(
+    url: str, frame: pd.DataFrame, metadata: dict[str, Any], storage_options: dict[str, Any] | None = None
+) -> None:
+    """Write `frame` (columns of MANIFEST_SCHEMA; missing score columns become null) atomically to `url`."""
+    _write(url, _table(frame, MANIFEST_SCHEMA, metadata), storage_options)
+
+
+def write_quarantine(
+    url: str, frame: pd.DataFrame, metadata: dict[str, Any], storage_options: dict[str, Any] | None = None
+) -> None:
+    _write(url, _table(frame, QUARANTINE_SCHEMA, metadata), storage_options)
+
+
+def read_table(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a manifest or quarantine file: (rows, metadata with JSON values decoded)."""
+    fs, path = url_to_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    metadata: dict[str, Any] = {}
+    for key, value in (table.schema.metadata or {}).items():
+        name = key.decode()
+        if not name.startswith("maskdiet."):
+            continue
+        text = value.decode()
+        try:
+            metadata[name.removeprefix("maskdiet.")] = json.loads(text)
+        except json.JSONDecodeError:
+            metadata[name.removeprefix("maskdiet.")] = text
+    return table.to_pandas(), metadata
+
+
+def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+    return read_table(url, storage_options)[0]

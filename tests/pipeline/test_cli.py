@@ -1,0 +1,86 @@
+"""The CLI as a user runs it: real subprocesses for the help screens and a first run, the in-process runner
+(sharing the session's Ray) for the rest."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command() -> None:
+    out = subprocess.run(["maskdiet", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("curate", "demo-data"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["curate", "demo-data"])
+def test_each_command_has_help(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "--config" in result.output and "--set" in result.output
+
+
+def test_demo_data_then_curate_in_subprocesses(tmp_path: Path) -> None:
+    """The issue's acceptance commands, run exactly as a user types them (own local Ray)."""
+    data, out = tmp_path / "d", tmp_path / "o"
+    subprocess.run(["maskdiet", "demo-data", str(data), "--bad", "10", "--per-class", "10"], check=True)
+    done = subprocess.run(
+        [
+            "maskdiet",
+            "curate",
+            "--input",
+            str(data),
+            "--output",
+            str(out),
+            "--score",
+            "none",
+            "--set",
+            "ray.num_cpus=2",
+            "--set",
+            "ray.include_dashboard=false",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "100 images in the manifest" in done.stderr and "10 quarantined" in done.stderr
+    assert len(pd.read_parquet(out / "manifest.parquet")) == 100
+
+
+def test_curate_on_s3_in_process(ray_cluster: None, s3_bucket: str) -> None:
+    result = runner.invoke(app, ["demo-data", f"{s3_bucket}/img", "--per-class", "5", "--bad", "3"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app, ["curate", "-i", f"{s3_bucket}/img", "-o", f"{s3_bucket}/out", "--score", "none"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "50 images in the manifest" in result.output and "3 quarantined" in result.output
+
+
+def test_bad_set_key_is_one_line_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["curate", "-i", str(tmp_path), "--set", "pretrain.stpes=3"])
+    assert result.exit_code == 2
+    assert "unknown config key 'pretrain.stpes'" in result.output and "Traceback" not in result.output
+
+
+def test_missing_input_is_one_line_error(ray_cluster: None, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["curate", "-i", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o"), "--score", "none"]
+    )
+    assert result.exit_code == 2 and "input not found" in result.output
+
+
+def test_missing_bucket_is_one_line_error(ray_cluster: None, s3_server: str, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["curate", "-i", "s3://no-such-bucket-here/x", "-o", str(tmp_path), "--score", "none"]
+    )
+    assert (
+        result.exit_code == 2 and "no-such-bucket-here" in result.output and "Traceback" not in result.output
+    )

@@ -1,0 +1,64 @@
+"""Config: defaults load, overrides apply, and every mistake is named in the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, dump_config, load_config
+
+
+def test_defaults_load_and_round_trip(tmp_path: Path) -> None:
+    config = load_config()
+    assert config.score.method == "el2n" and config.pretrain.mask.ratio == 0.75
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+def test_file_and_set_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("pretrain:\n  steps: 50\n  mask:\n    ratio: 0.6\n")
+    config = load_config(path, ["pretrain.mask.ratio=0.9", "data.storage_options.anon=true"])
+    assert config.pretrain.steps == 50
+    assert config.pretrain.mask.ratio == 0.9
+    assert config.data.storage_options == {"anon": True}
+
+
+def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("pretrain:\n  stpes: 50\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'pretrain\.stpes'"):
+        load_config(path)
+
+
+def test_unknown_set_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"'mask_ratio' is not a key of pretrain"):
+        load_config(None, ["pretrain.mask_ratio=0.5"])
+
+
+def test_bad_type_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"bad value for 'pretrain\.steps'.*'many'"):
+        load_config(None, ["pretrain.steps=many"])
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
+def test_keep_fraction_out_of_range(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"prune\.keep"):
+        load_config(None, [f"prune.keep={value}"])
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_schedule_needs_an_end_ratio() -> None:
+    with pytest.raises(ConfigError, match="ratio_end"):
+        load_config(None, ["pretrain.mask.schedule=linear"])
+
+
+def test_secrets_are_redacted() -> None:
+    config = load_config(None, ["data.storage_options.secret=hunter2"])
+    assert "hunter2" not in dump_config(config)

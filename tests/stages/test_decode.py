@@ -1,0 +1,130 @@
+"""Decode: every odd-but-valid image becomes RGB at the right size; every bad object gets the right reason."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.demo_data import BAD_KINDS, bad_file
+from stages.decode import BadImage, DecodeOptions, DecodeStage, decode_image
+
+OPTIONS = DecodeOptions(image_size=16)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def gradient(width: int = 40, height: int = 30) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+
+
+def test_rgb_png_is_resized_with_center_crop() -> None:
+    out = decode_image(encode(Image.fromarray(gradient()), "PNG"), OPTIONS)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    # centre crop of a 40x30 image keeps x in [5, 35): the left column is not the image's x=0 column
+    assert out[:, 0, 0].mean() > 20
+
+
+def test_grayscale_becomes_three_equal_channels() -> None:
+    out = decode_image(encode(Image.fromarray(gradient()[..., 0]), "PNG"), OPTIONS)
+    assert out.shape == (16, 16, 3)
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+
+
+def test_cmyk_jpeg_decodes_to_rgb() -> None:
+    cmyk = Image.fromarray(gradient()).convert("CMYK")
+    out = decode_image(encode(cmyk, "JPEG"), OPTIONS)
+    assert out.shape == (16, 16, 3) and out.std() > 5
+
+
+def test_16_bit_png_is_scaled_by_its_range() -> None:
+    array = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
+    out = decode_image(encode(Image.fromarray(array), "PNG"), OPTIONS)
+    assert out.min() <= 10 and out.max() >= 245
+
+
+def test_transparency_is_composited_on_white() -> None:
+    rgba = np.zeros((20, 20, 4), dtype=np.uint8)  # fully transparent black
+    out = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), OPTIONS)
+    assert (out == 255).all()
+    palette = Image.fromarray(gradient()).convert("P")
+    palette.info["transparency"] = 0
+    out = decode_image(encode(palette, "PNG", transparency=0), OPTIONS)
+    assert out.shape == (16, 16, 3)
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    red = Image.new("RGB", (20, 20), (255, 0, 0))
+    blue = Image.new("RGB", (20, 20), (0, 0, 255))
+    data = encode(red, "GIF", save_all=True, append_images=[blue], duration=100, loop=0)
+    out = decode_image(data, OPTIONS)
+    assert out[..., 0].mean() > 200 and out[..., 2].mean() < 50
+
+
+def test_exif_orientation_is_applied() -> None:
+    tall = np.zeros((40, 20, 3), dtype=np.uint8)
+    tall[:20] = 255  # white top half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display: the white half ends up on the right
+    data = encode(Image.fromarray(tall), "JPEG", exif=exif.tobytes(), quality=95)
+    out = decode_image(data, DecodeOptions(image_size=16, resize="squash"))
+    assert out[:, 8:].mean() > 200 and out[:, :8].mean() < 50
+
+
+def test_huge_but_legal_image_is_resized() -> None:
+    big = Image.fromarray(np.full((3000, 4000, 3), 90, dtype=np.uint8))
+    out = decode_image(encode(big, "JPEG"), OPTIONS)
+    assert out.shape == (16, 16, 3) and abs(int(out.mean()) - 90) <= 3
+
+
+def test_one_pixel_image_is_upscaled() -> None:
+    out = decode_image(encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"), OPTIONS)
+    assert out.shape == (16, 16, 3) and tuple(out[8, 8]) == (10, 20, 30)
+
+
+def test_wrong_extension_still_decodes() -> None:
+    # bytes are what count: a PNG named .jpg is a good image
+    assert decode_image(encode(Image.fromarray(gradient()), "PNG"), OPTIONS).shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize(("kind", "reason"), BAD_KINDS)
+def test_bad_files_get_their_reason(kind: str, reason: str) -> None:
+    with pytest.raises(BadImage) as caught:
+        decode_image(bad_file(kind, np.random.default_rng(0)), OPTIONS)
+    assert caught.value.reason == reason
+
+
+def test_truncated_webp_is_quarantined() -> None:
+    data = encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "WEBP"
+    )
+    with pytest.raises(BadImage) as caught:
+        decode_image(data[: len(data) // 2], OPTIONS)
+    assert caught.value.reason in ("truncated", "not-an-image")
+
+
+def test_max_pixels_is_decided_before_decoding() -> None:
+    data = encode(Image.fromarray(gradient(200, 200)), "PNG")
+    with pytest.raises(BadImage, match="max_pixels") as caught:
+        decode_image(data, DecodeOptions(image_size=16, max_pixels=100 * 100))
+    assert caught.value.reason == "too-large"
+
+
+def test_stage_keeps_going_past_bad_rows() -> None:
+    good = encode(Image.fromarray(gradient()), "PNG")
+    batch = {
+        "path": np.array(["a.png", "b.jpg", "c.png"], dtype=object),
+        "bytes": np.array([good, b"", good], dtype=object),
+    }
+    out = DecodeStage(OPTIONS)(batch)
+    assert out["ok"].tolist() == [True, False, True]
+    assert out["reason"].tolist() == ["ok", "empty", "ok"]
+    assert out["image"].shape == (3, 16, 16, 3) and "bytes" not in out
+    assert out["sha256"][0] == out["sha256"][2] != out["sha256"][1]

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps over the pretraining loop with Ray Tune."""
