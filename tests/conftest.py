@@ -68,7 +68,13 @@ def ray_cluster(s3_server: str) -> Iterator[None]:
 
     from pipeline.runtime import configure_data_context
 
-    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        object_store_memory=1_000_000_000,
+        logging_level="WARNING",
+    )
     configure_data_context()
     try:
         yield
