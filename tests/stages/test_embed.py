@@ -1,0 +1,107 @@
+"""Label-free scores: prototype distance (k-means) and near-duplicate groups, on real rendered images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from pipeline.config import load_config
+from pipeline.curate import Decoded
+from pipeline.demo_data import DemoSpec, write_demo_data
+from stages.embed import near_duplicate_groups, prototype_scores
+from stages.score import score_decoded
+
+
+def load_folder(root: Path) -> np.ndarray:
+    paths = sorted(p for p in root.rglob("*") if p.suffix in (".png", ".jpg"))
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+def test_prototype_distance_flags_points_far_from_every_cluster() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, size=(3, 8))
+    inliers = np.concatenate([c + rng.normal(0, 0.5, size=(50, 8)) for c in centres])
+    outliers = rng.normal(0, 10, size=(5, 8)) * 2
+    points = np.concatenate([inliers, outliers])
+    distance, centroids = prototype_scores(points, num_clusters=3, seed=0)
+    assert centroids.shape == (3, 8)
+    assert set(np.argsort(-distance)[:5]) == set(range(150, 155))
+    again, same = prototype_scores(points, num_clusters=3, centroids=centroids)  # cached prototypes
+    np.testing.assert_allclose(again, distance) and np.testing.assert_array_equal(same, centroids)
+
+
+def test_near_duplicates_survive_reencoding_and_brightness(tmp_path: Path) -> None:
+    write_demo_data(str(tmp_path / "d"), DemoSpec(per_class=10, seed=5, image_format="png"))
+    images = load_folder(tmp_path / "d")
+    n = len(images)
+    buffer = io.BytesIO()
+    Image.fromarray(images[1]).save(buffer, format="JPEG", quality=70)
+    recoded = np.asarray(Image.open(buffer).convert("RGB"))
+    brighter = np.clip(images[2].astype(int) + 25, 0, 255).astype(np.uint8)
+    copies = np.stack([images[0], recoded, brighter])
+    groups = near_duplicate_groups(np.concatenate([images, copies]), threshold=0.98)
+    assert groups[n : n + 3].tolist() == [groups[0], groups[1], groups[2]]
+    assert groups[0] == 0 and groups[1] == 1 and groups[2] == 2  # the first member names the group
+    distinct = groups[:n] != np.arange(n)
+    assert distinct.sum() <= 2, f"distinct renders grouped: {np.flatnonzero(distinct)}"
+
+
+def test_label_free_prototype_scores_flag_foreign_images(ray_cluster: None, tmp_path: Path) -> None:
+    """Unlabeled digits plus a few shapes: the shapes sit far from every digit prototype."""
+    write_demo_data(str(tmp_path / "digits"), DemoSpec(per_class=15, seed=6))
+    write_demo_data(str(tmp_path / "shapes"), DemoSpec(sources=("shapes",), per_class=1, seed=7))
+    digits, shapes = load_folder(tmp_path / "digits"), load_folder(tmp_path / "shapes")
+    images = np.concatenate([digits, shapes])
+    foreign = np.r_[np.zeros(len(digits), bool), np.ones(len(shapes), bool)]
+    frame = pd.DataFrame(
+        {
+            "path": [f"mem://x/{i:04d}.png" for i in range(len(images))],
+            "sha256": [f"{i:064x}" for i in range(len(images))],
+            "label": np.full(len(images), -1, dtype=np.int64),
+            "class_name": "",
+        }
+    )
+    decoded = Decoded(frame=frame, images=images, quarantine=pd.DataFrame(), classes=[])
+    config = load_config(
+        None,
+        [
+            "score.method=prototype",
+            "score.num_models=2",
+            "score.epochs=6",
+            "score.num_clusters=4",
+            "score.cache=false",
+            f"output={tmp_path / 'out'}",
+        ],
+    )
+    outcome = score_decoded(decoded, config)
+    out = outcome.frame
+    assert out["el2n"].isna().all() and (out["score"] == out["prototype"]).all()
+    auroc = roc_auc_score(foreign, out["prototype"])
+    print(f"foreign-image AUROC of the label-free prototype score: {auroc:.3f}")
+    assert auroc >= 0.8
+    with pytest.raises(ValueError, match="needs labels"):
+        score_decoded(decoded, load_config(None, ["score.method=el2n", "score.cache=false"]))
+
+
+def test_prototype_embeddings_from_a_maskdiet_encoder(tmp_path: Path) -> None:
+    """`score.encoder` = an MAE `encoder.pth`: unit-norm embeddings, one per image, same input → same output."""
+    from pipeline.mae import build_mae, export_encoder
+    from stages.embed import encoder_embeddings
+
+    torch.manual_seed(0)
+    url = export_encoder(build_mae("mae_vit_micro_patch4", img_size=32), str(tmp_path / "encoder.pth"))
+    write_demo_data(str(tmp_path / "d"), DemoSpec(per_class=3, seed=8, image_format="png"))
+    images = load_folder(tmp_path / "d")
+    embedding = encoder_embeddings(url, images)
+    assert embedding.shape == (len(images), 64)
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(encoder_embeddings(url, images[:5]), embedding[:5], rtol=1e-4, atol=1e-5)
+    distance, _ = prototype_scores(embedding, num_clusters=3)
+    assert distance.shape == (len(images),) and (distance >= 0).all()

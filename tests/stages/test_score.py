@@ -1,0 +1,164 @@
+"""Difficulty scores: EL2N/GraNd invariants, label-noise detection on real images, and pruning that pays."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from pipeline.config import Config, PruneConfig, load_config
+from pipeline.curate import Decoded, decode_listing
+from pipeline.demo_data import DemoSpec, write_demo_data
+from stages.prune import prune
+from stages.read import list_images
+from stages.score import (
+    ProxySpec,
+    ScoreOutcome,
+    build_proxy,
+    el2n,
+    grand_full,
+    grand_last_layer,
+    score_decoded,
+    to_input,
+    train_proxy,
+)
+
+# Small enough for 2 busy cores, large enough that the effects are far from chance.
+PER_CLASS = 50
+SCORE_SETTINGS = ["score.epochs=8", "score.cache=false"]
+
+# ---------------------------------------------------------------------------------------------- invariants
+
+
+def test_el2n_bounds_and_known_values() -> None:
+    rng = np.random.default_rng(0)
+    c = 7
+    probs = rng.dirichlet(np.full(c, 0.3), size=500)
+    labels = rng.integers(0, c, size=500)
+    scores = el2n(probs, labels)
+    assert scores.min() >= 0 and scores.max() <= math.sqrt(2) + 1e-12
+    uniform = el2n(np.full((3, c), 1 / c), np.array([0, 3, 6]))
+    np.testing.assert_allclose(uniform, math.sqrt(1 - 1 / c))
+    onehot = np.eye(c)[[1, 2]]
+    np.testing.assert_allclose(el2n(onehot, np.array([1, 5])), [0.0, math.sqrt(2)])
+
+
+def test_last_layer_grand_matches_autograd() -> None:
+    torch.manual_seed(0)
+    model = build_proxy("cnn-small", 5).eval()
+    x = torch.randn(6, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    with torch.no_grad():
+        h = model.features(x)
+        probs = F.softmax(model.head(h), dim=1)
+    closed = grand_last_layer(probs.numpy(), y.numpy(), h.numpy())
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        norm = torch.sqrt(model.head.weight.grad.pow(2).sum() + model.head.bias.grad.pow(2).sum())
+        assert closed[i] == pytest.approx(norm.item(), rel=1e-4)
+    full = grand_full(model, x, y)
+    model.zero_grad()
+    F.cross_entropy(model(x[2:3]), y[2:3]).backward()
+    every = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+    assert full[2] == pytest.approx(every.item(), rel=1e-4)
+    assert (full >= closed - 1e-5).all()  # the head's gradient is part of the whole
+
+
+# ---------------------------------------------------------------------------------------------- real data
+
+
+@dataclass
+class Scored:
+    root: Path
+    config: Config
+    decoded: Decoded
+    outcome: ScoreOutcome
+    truth: pd.DataFrame  # per manifest row: noisy, true_label
+
+
+@pytest.fixture(scope="module")
+def scored(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Scored:
+    """Digits with 10% flipped labels, decoded by the real Ray Data stages, scored with the default K."""
+    root = tmp_path_factory.mktemp("noisy") / "images"
+    write_demo_data(str(root), DemoSpec(per_class=PER_CLASS, noise=0.1, seed=3))
+    config = load_config(None, [f"data.input={root}", f"output={root.parent / 'out'}", *SCORE_SETTINGS])
+    decoded = decode_listing(list_images(config.data), config, keep_images=True)
+    outcome = score_decoded(decoded, config)
+    truth = pd.read_parquet(root / "_truth.parquet").set_index("path").loc[decoded.frame["path"]]
+    return Scored(root, config, decoded, outcome, truth.reset_index())
+
+
+def test_score_columns(scored: Scored) -> None:
+    frame = scored.outcome.frame
+    assert scored.outcome.scored == len(frame) == PER_CLASS * 10 and scored.outcome.cached == 0
+    assert frame["el2n"].between(0, math.sqrt(2)).all()
+    assert (frame["el2n_std"] >= 0).all() and (frame["grand"] >= 0).all()
+    assert frame["forgetting"].between(0, scored.config.score.epochs).all()
+    assert frame["prototype"].isna().all()  # label-free score not asked for
+    assert (frame["score"] == frame["el2n"]).all()
+    assert (frame["path"] == scored.decoded.frame["path"]).all()
+    for losses in scored.outcome.losses:  # every proxy learned something
+        assert losses[-1] < 0.7 * losses[0]
+
+
+def test_label_noise_ranks_high(scored: Scored) -> None:
+    noisy = scored.truth["noisy"].to_numpy()
+    frame = scored.outcome.frame
+    auroc = {name: roc_auc_score(noisy, frame[name]) for name in ("el2n", "grand", "forgetting")}
+    print(f"label-noise AUROC (K={scored.config.score.num_models}): {auroc}")
+    assert auroc["el2n"] >= 0.9
+    assert auroc["grand"] >= 0.85 and auroc["forgetting"] >= 0.8
+    # one seed alone (the K-model run's first member) is not better than the average over K
+    single = scored.config.model_copy(deep=True)
+    single.score.num_models = 1
+    alone = score_decoded(scored.decoded, single)
+    auroc_one = roc_auc_score(noisy, alone.frame["el2n"])
+    print(f"label-noise AUROC with K=1: {auroc_one:.3f}")
+    assert auroc["el2n"] >= auroc_one - 0.005
+
+
+def _load(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    truth = pd.read_parquet(root / "_truth.parquet")
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in truth["path"]])
+    return images, truth["true_label"].to_numpy()
+
+
+def _accuracy(spec: ProxySpec, images: np.ndarray, labels: np.ndarray, test: tuple, seed: int) -> float:
+    result = train_proxy(images, labels, spec, seed)
+    model = build_proxy(spec.model, spec.num_classes)
+    model.load_state_dict(result.state)
+    with torch.inference_mode():
+        predicted = model.eval()(to_input(test[0])).argmax(1).numpy()
+    return float((predicted == test[1]).mean())
+
+
+@pytest.mark.slow
+def test_offset_pruning_beats_random(scored: Scored, tmp_path: Path) -> None:
+    """Train on the offset-pruned 70% vs a random 70%; test on clean held-out digits; average 3 seeds."""
+    write_demo_data(str(tmp_path / "clean"), DemoSpec(per_class=20, noise=0.0, seed=11))
+    test_ref = ray.put(_load(tmp_path / "clean"))
+    frame = scored.outcome.frame
+    images, labels = scored.decoded.images, frame["label"].to_numpy()
+    spec = ProxySpec.from_config(scored.config.score, num_classes=10)
+    accuracy = ray.remote(num_cpus=1)(_accuracy)
+    runs = {}
+    for policy in ("offset", "random"):
+        for seed in range(3):
+            kept = prune(frame, PruneConfig(policy=policy, keep=0.7, offset=0.1, seed=seed))["kept"]
+            mask = kept.to_numpy()
+            runs[policy, seed] = accuracy.remote(spec, images[mask], labels[mask], test_ref, 100 + seed)
+    result = {key: ray.get(ref) for key, ref in runs.items()}
+    offset = np.mean([result["offset", s] for s in range(3)])
+    random = np.mean([result["random", s] for s in range(3)])
+    print(f"held-out accuracy: offset-pruned {offset:.3f}, random subset {random:.3f}")
+    assert offset > random

@@ -1,0 +1,113 @@
+"""Score cache: keys, shards, and `maskdiet curate --score el2n` end to end on a real S3 server (moto)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import s3fs
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_config
+from pipeline.curate import curate
+from pipeline.demo_data import DemoSpec, write_demo_data
+from stages import score_cache
+from stages.manifest import read_table
+from stages.score_cache import ScoreCache, scoring_key
+
+FAST = ["--set", "score.num_models=2", "--set", "score.epochs=3"]
+
+
+def rows(shas: list[str], labels: list[int], value: float) -> pd.DataFrame:
+    n = len(shas)
+    return pd.DataFrame(
+        {
+            "sha256": shas,
+            "label": labels,
+            "el2n": [value] * n,
+            "el2n_std": [0.0] * n,
+            "grand": [value] * n,
+            "forgetting": [1.0] * n,
+            "prototype": [np.nan] * n,
+        }
+    )
+
+
+def test_key_follows_what_changes_scores() -> None:
+    base = load_config(None, [])
+    key = scoring_key(base, ["a", "b"], "labels")
+    assert key == scoring_key(
+        load_config(None, ["score.actors=3", "score.method=grand"]), ["a", "b"], "labels"
+    )
+    assert key != scoring_key(load_config(None, ["score.epochs=3"]), ["a", "b"], "labels")
+    assert key != scoring_key(load_config(None, ["decode.image_size=64"]), ["a", "b"], "labels")
+    assert key != scoring_key(base, ["a", "c"], "labels")
+    assert key != scoring_key(base, ["a", "b"], "rotation")
+
+
+def test_lookup_matches_sha_and_label_and_compacts(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(score_cache, "MAX_SHARDS", 3)
+    cache = ScoreCache(str(tmp_path / "cache"), "k")
+    assert cache.lookup(["x"], np.array([0])).empty and cache.load_models() is None
+    cache.store(rows(["a", "b"], [0, 1], 0.5))
+    hits = cache.lookup(["a", "b", "c"], np.array([0, 2, 0]))  # b was relabelled: a miss
+    assert hits["sha256"].tolist() == ["a"]
+    for i in range(4):
+        cache.store(rows([f"n{i}"], [0], 0.1 * i))
+    cache.store(rows(["a"], [0], 0.9))  # a newer score replaces the old one
+    assert len(cache._shards()) <= 3  # compacted
+    everything = cache.read_all().set_index("sha256")
+    assert len(everything) == 6 and everything.loc["a", "el2n"] == 0.9
+
+
+def add_images(bucket: str, count: int) -> None:
+    """Put `count` new digit images into the existing class folders of `bucket`/train."""
+    write_demo_data(f"{bucket}/extra", DemoSpec(per_class=count // 10, seed=9, image_format="png"))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    root = bucket.removeprefix("s3://")
+    for path in fs.find(f"{root}/extra"):
+        if path.endswith(".png"):
+            folder, name = path.split("/")[-2:]
+            fs.copy(path, f"{root}/train/{folder}/extra_{name}")
+    fs.rm(f"{root}/extra", recursive=True)
+
+
+@pytest.mark.slow
+def test_curate_scores_only_cache_misses_on_s3(ray_cluster: None, s3_bucket: str) -> None:
+    root, out = f"{s3_bucket}/train", f"{s3_bucket}/curated"
+    write_demo_data(root, DemoSpec(per_class=12, noise=0.1, bad=3, seed=4))
+    first = CliRunner().invoke(
+        app,
+        ["curate", "-i", root, "-o", out, "--score", "el2n", "--policy", "offset", "--keep", "0.7", *FAST],
+    )
+    assert first.exit_code == 0, first.output
+    assert "el2n score per class" in first.stderr and "digit_9" in first.stderr
+    manifest, meta = read_table(f"{out}/manifest.parquet")
+    assert len(manifest) == 120 and meta["config"]["score"]["method"] == "el2n"
+    assert manifest["el2n"].between(0, math.sqrt(2)).all() and (manifest["score"] == manifest["el2n"]).all()
+    duplicates = int((manifest["reason"] == "pruned:duplicate").sum())
+    assert int(manifest["kept"].sum()) == min(84, 120 - duplicates)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    cached_models = fs.glob(f"{out.removeprefix('s3://')}/score_cache/*/models.pt")
+    assert len(cached_models) == 1  # the default cache location: <output>/score_cache/<key>/
+
+    config = load_config(
+        None,
+        [f"data.input={root}", f"output={out}", "score.num_models=2", "score.epochs=3", "prune.keep=0.7"],
+    )
+    second = curate(config)
+    assert second.counts["scored"] == 0 and second.counts["cached"] == 120
+    pd.testing.assert_series_equal(
+        second.manifest.set_index("path")["el2n"], manifest.set_index("path")["el2n"], check_exact=False
+    )
+
+    add_images(s3_bucket, 20)
+    third = curate(config)
+    assert third.counts["scored"] == 20 and third.counts["cached"] == 120
+    fresh = third.manifest[third.manifest["path"].str.contains("/extra_")]
+    assert len(fresh) == 20 and fresh["el2n"].between(0, math.sqrt(2)).all()
+    assert fresh["forgetting"].isna().all()  # never seen in proxy training: no forgetting count
