@@ -1,0 +1,184 @@
+"""Stream stage: a manifest's kept rows → a Ray Dataset of augmented training images, never materialised.
+
+    manifest.parquet (kept rows) ─ split off a fixed validation set ─ per-epoch shuffled listing
+      → stages.read.read_images (bytes)  → stages.decode.DecodeStage (RGB uint8)  → AugmentStage (crop, flip)
+
+Output columns of `training_dataset`: `image` (N×S×S×3 uint8, S = the model's input side) and `label`
+(int64, −1 when unlabeled). Rows that no longer decode (an object changed since curation) are dropped.
+
+The dataset covers `epochs` passes over the training images, each in its own seeded order, so one
+`iter_torch_batches` pass trains for several epochs with fresh crops. Augmentation draws its randomness
+from the seed and the paths in each batch: the same seed and data give the same crops (Ray Data's batch
+partition is fixed by the listing), a new epoch order gives new ones.
+
+The validation set is `val_images` kept rows chosen by a seeded hash of their path (stable as the manifest
+grows), excluded from training, decoded without augmentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zlib
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray.data
+from PIL import Image
+
+from pipeline.config import Config
+from stages.decode import BadImage, DecodeOptions, DecodeStage, decode_image
+from stages.manifest import read_table
+from stages.read import ImageListing, read_images
+
+log = logging.getLogger(__name__)
+
+
+def load_kept(manifest_url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The manifest's kept rows (path, label, class_name, ...), sorted by path."""
+    frame, _ = read_table(manifest_url, storage_options)
+    if "kept" in frame.columns:
+        frame = frame[frame["kept"].fillna(False).astype(bool)]
+    frame = frame.sort_values("path", kind="stable").reset_index(drop=True)
+    if frame.empty:
+        raise ValueError(f"manifest {manifest_url} keeps no images: nothing to pretrain on")
+    return frame
+
+
+def split_validation(frame: pd.DataFrame, count: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, val): `count` rows with the smallest seeded hash of their path go to val (at most half)."""
+    count = min(count, len(frame) // 2)
+    keys = np.array(
+        [int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode()).digest()[:8], "big") for p in frame["path"]],
+        dtype=np.uint64,
+    )
+    chosen = np.zeros(len(frame), dtype=bool)
+    chosen[np.argsort(keys, kind="stable")[:count]] = True
+    return frame[~chosen].reset_index(drop=True), frame[chosen].reset_index(drop=True)
+
+
+def epoch_listing(frame: pd.DataFrame, epochs: int, seed: int) -> ImageListing:
+    """`epochs` copies of the rows, each in its own seeded permutation, as one listing."""
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(frame)) for _ in range(epochs)])
+    rows = frame.iloc[order]
+    labels = rows["label"].fillna(-1).astype(np.int64).tolist() if "label" in rows else [-1] * len(rows)
+    names = rows["class_name"].fillna("").astype(str).tolist() if "class_name" in rows else [""] * len(rows)
+    return ImageListing(
+        root=str(frame["path"].iloc[0]),
+        paths=rows["path"].astype(str).tolist(),
+        labels=labels,
+        class_names=names,
+    )
+
+
+def random_resized_crop(
+    image: np.ndarray, size: int, scale_min: float, rng: np.random.Generator, flip_p: float = 0.5
+) -> np.ndarray:
+    """One image (H, W, 3) uint8 → (size, size, 3): a crop of area share in [scale_min, 1] and aspect ratio
+    in [3/4, 4/3] (log-uniform), resized bilinearly, flipped left-right with probability `flip_p`."""
+    h, w = image.shape[:2]
+    area = h * w
+    box = (0, 0, w, h)
+    for _ in range(10):
+        target = area * rng.uniform(scale_min, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw = round(float(np.sqrt(target * ratio)))
+        ch = round(float(np.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left = int(rng.integers(0, w - cw + 1))
+            top = int(rng.integers(0, h - ch + 1))
+            box = (left, top, left + cw, top + ch)
+            break
+    out = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    array = np.asarray(out, dtype=np.uint8)
+    if rng.random() < flip_p:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array)
+
+
+class AugmentStage:
+    """Ray Data `map_batches` callable: keeps decodable rows, applies random resized crop + flip (or only
+    resizes when `augment` is off), and returns just the tensor columns `image`, `label`."""
+
+    name = "augment"
+    requires = ("path", "image", "ok", "label")
+    produces = ("image", "label")
+
+    def __init__(
+        self, size: int, seed: int, augment: bool = True, scale_min: float = 0.2, flip_p: float = 0.5
+    ) -> None:
+        self.size = size
+        self.seed = seed
+        self.augment = augment
+        self.scale_min = scale_min
+        self.flip_p = flip_p
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        ok = np.asarray(batch["ok"], dtype=bool)
+        paths = [str(p) for p, good in zip(batch["path"], ok, strict=True) if good]
+        images = np.asarray(batch["image"])[ok]
+        labels = np.asarray(batch["label"], dtype=np.int64)[ok]
+        digest = zlib.crc32("\n".join(paths).encode())
+        rng = np.random.default_rng([self.seed, digest])
+        out = np.empty((len(paths), self.size, self.size, 3), dtype=np.uint8)
+        for i, image in enumerate(images):
+            if self.augment:
+                out[i] = random_resized_crop(image, self.size, self.scale_min, rng, self.flip_p)
+            elif image.shape[0] != self.size:
+                out[i] = np.asarray(Image.fromarray(image).resize((self.size, self.size)), dtype=np.uint8)
+            else:
+                out[i] = image
+        return {"image": out, "label": labels}
+
+
+def image_size(config: Config) -> int:
+    """The model's input side: pretrain.image_size, else decode.image_size."""
+    return config.pretrain.image_size or config.decode.image_size
+
+
+def epochs_needed(num_images: int, steps: int, global_batch: int) -> int:
+    """Passes over `num_images` that cover `steps` batches of `global_batch` (+1 for dropped tails)."""
+    return max(1, -(-steps * global_batch // max(num_images, 1)) + 1)
+
+
+def training_dataset(frame: pd.DataFrame, config: Config, epochs: int, seed: int) -> ray.data.Dataset:
+    """The lazy, streamed training dataset over `frame`'s rows for `epochs` passes (see module docs)."""
+    listing = epoch_listing(frame, epochs, seed)
+    data = config.data.model_copy(update={"input": listing.root})
+    size = image_size(config)
+    decode_options = DecodeOptions.from_config(config.decode.model_copy(update={"image_size": size}))
+    pretrain = config.pretrain
+    augment = AugmentStage(size, seed, pretrain.augment, pretrain.crop_scale_min, pretrain.hflip)
+    batch = data.read_batch_size
+    return (
+        read_images(listing, data)
+        .map_batches(DecodeStage(decode_options), batch_size=batch, batch_format="numpy")
+        .map_batches(augment, batch_size=batch, batch_format="numpy")
+    )
+
+
+def load_images(paths: list[str], config: Config, size: int | None = None, threads: int = 8) -> np.ndarray:
+    """Read and decode `paths` in this process with a few I/O threads (no Ray; for small sets such as the
+    validation or evaluation images): (N, S, S, 3) uint8. A path that no longer decodes raises `BadImage`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.storage import url_to_fs
+
+    size = size or image_size(config)
+    options = DecodeOptions.from_config(config.decode.model_copy(update={"image_size": size}))
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    if not paths:
+        return out
+    fs, _ = url_to_fs(paths[0], config.data.storage_options)
+
+    def one(i: int) -> None:
+        try:
+            out[i] = decode_image(fs.cat_file(fs._strip_protocol(paths[i])), options)
+        except BadImage as e:
+            raise BadImage(e.reason, f"{paths[i]}: {e}") from None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(one, range(len(paths))))
+    return out

@@ -1,0 +1,117 @@
+"""Pretraining on Ray Train: 2 workers (0.5 CPU each) over demo images on moto S3; the loss falls; the run
+writes a timm-loadable encoder, metrics and checkpoints to S3; rerunning the same run name resumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import Config, load_config
+from pipeline.demo_data import DemoSpec, write_demo_data
+from pipeline.evaluate import read_encoder_state, size_from_state
+from pipeline.mae import timm_encoder
+from pipeline.storage import join, url_to_fs
+from pipeline.train import TrainingDiverged, pretrain, read_metrics, worker_resources
+from stages.manifest import write_manifest
+from stages.read import list_images
+
+STEPS = 200
+
+
+def _config(images: str, output: str, *overrides: str) -> Config:
+    return load_config(
+        overrides=[
+            f"data.input={images}",
+            f"output={output}",
+            "pretrain.model=mae_vit_micro_patch4",
+            f"pretrain.steps={STEPS}",
+            "pretrain.batch_size=16",
+            "pretrain.num_workers=2",
+            "pretrain.cpus_per_worker=0.5",
+            "pretrain.base_lr=0.005",  # lr = 0.005 × 32 / 256 = 6.25e-4
+            "pretrain.warmup_steps=10",
+            "pretrain.log_every=10",
+            "pretrain.eval_every=50",
+            "pretrain.checkpoint_every=100",
+            "pretrain.val_images=16",
+            "pretrain.crop_scale_min=0.5",
+            "data.read_batch_size=16",
+            *overrides,
+        ]
+    )
+
+
+@pytest.fixture
+def s3_manifest(s3_bucket: str) -> tuple[str, str]:
+    """Demo digits on S3 and a manifest keeping all of them; returns (images URL, manifest URL)."""
+    images = join(s3_bucket, "images")
+    write_demo_data(images, DemoSpec(per_class=8, seed=3))
+    frame = list_images(load_config(overrides=[f"data.input={images}"]).data).frame()
+    frame["sha256"] = ""
+    frame["kept"] = True
+    frame["reason"] = "kept"
+    manifest = join(s3_bucket, "curated", "manifest.parquet")
+    write_manifest(manifest, frame, {"run_id": "test"})
+    return images, manifest
+
+
+def test_worker_resources_leave_cpus_to_ray_data(ray_cluster) -> None:
+    config = load_config(overrides=["pretrain.num_workers=2", "ray.data_cpu_share=0.5"])
+    assert worker_resources(config) == {"CPU": 0.5}  # 2 CPUs × (1 − 0.5) / 2 workers
+    config = load_config(overrides=["pretrain.num_workers=1", "pretrain.cpus_per_worker=0.25"])
+    assert worker_resources(config) == {"CPU": 0.25}
+
+
+@pytest.mark.slow
+def test_pretrain_on_s3_loss_falls_and_rerun_resumes(ray_cluster, s3_manifest, s3_bucket, tmp_path) -> None:
+    images, manifest = s3_manifest
+    output = join(s3_bucket, "pretrain")
+    config = _config(images, output)
+    result = pretrain(config, manifest, output, run_name="mae")
+
+    # Real training: the loss falls clearly, on the training stream and on the held-out images.
+    losses = [h["loss"] for h in result.history]
+    assert result.steps == STEPS and len(losses) == STEPS // 10
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2]), losses
+    vals = [h["val_loss"] for h in result.history if "val_loss" in h]
+    assert len(vals) == STEPS // 50 and vals[-1] < vals[0], vals
+    assert result.images_per_s > 0
+    assert {"step", "loss", "lr", "mask_ratio", "images_per_s"} <= set(result.history[-1])
+
+    # Outputs on S3: metrics.jsonl, checkpoints and an encoder that timm loads.
+    fs, _ = url_to_fs(output)
+    assert read_metrics(result.metrics_url) == result.history
+    assert result.checkpoint and fs.exists(result.checkpoint.rstrip("/") + "/state.pt")
+    state = read_encoder_state(result.encoder_url)
+    local = tmp_path / "encoder.pth"
+    torch.save(state, local)
+    encoder = timm_encoder(size_from_state(state), str(local))
+    assert encoder(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+
+    # Rerunning the same run name continues from the last checkpoint (step 200), not from zero.
+    more = _config(images, output, f"pretrain.steps={STEPS + 40}")
+    resumed = pretrain(more, manifest, output, run_name="mae")
+    assert resumed.steps == STEPS + 40
+    new_lines = [h for h in resumed.history if h["step"] > STEPS]
+    assert new_lines[0].get("resumed_from") == STEPS
+    assert [h["step"] for h in resumed.history[: len(losses)]] == [h["step"] for h in result.history]
+    assert len(resumed.history) == (STEPS + 40) // 10  # no step trained twice
+
+
+def test_non_finite_loss_stops_with_a_message(ray_cluster, s3_manifest, s3_bucket) -> None:
+    images, manifest = s3_manifest
+    output = join(s3_bucket, "diverge")
+    config = _config(
+        images,
+        output,
+        "pretrain.steps=30",
+        "pretrain.base_lr=1e35",  # Adam moves every weight by ~lr: the next forward overflows
+        "pretrain.warmup_steps=0",
+        "pretrain.grad_clip=null",
+        "pretrain.eval_every=5",
+        "pretrain.checkpoint_every=1000",
+        "pretrain.num_workers=1",
+    )
+    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+        pretrain(config, manifest, output, run_name="diverge")
