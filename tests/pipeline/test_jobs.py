@@ -1,0 +1,162 @@
+"""`maskdiet jobs` against a real Ray head (`ray start --head`, dashboard on, token auth as Ray 2.60 sets it).
+
+A curate job on demo images runs to SUCCEEDED and leaves its manifest where `jobs status` says; a long job is
+stopped; a reused submission id is refused; a missing or wrong token fails with a message that says what to
+set and never shows the token.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import jobs
+from pipeline.cli import app
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- offline
+
+
+def test_find_token_follows_rays_order(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("from-home\n")
+    token_file = tmp_path / "tok"
+    token_file.write_text("from-path")
+    assert jobs.find_token({}, home) == "from-home"
+    assert jobs.find_token({"RAY_AUTH_TOKEN_PATH": str(token_file)}, home) == "from-path"
+    env = {"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    assert jobs.find_token(env, home) == "from-env"
+    assert jobs.find_token({**env, "RAY_AUTH_MODE": "disabled"}, home) is None
+    assert jobs.find_token({}, tmp_path / "nobody") is None
+
+
+def test_config_travels_in_the_working_dir(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("output: s3://bucket/out\n")
+    sub = jobs.prepare_submission(
+        "maskdiet run --previous latest", config=str(config), submission_id="nightly-1", pip=["duckdb"]
+    )
+    try:
+        shipped = Path(sub.runtime_env["working_dir"]) / jobs.CONFIG_NAME
+        assert shipped.read_text() == config.read_text()
+        assert sub.entrypoint == (
+            f"maskdiet run --previous latest --config {jobs.CONFIG_NAME} --set run_id=nightly-1"
+        )
+        assert sub.runtime_env["pip"] == ["duckdb"]
+        assert sub.metadata["output"] == "s3://bucket/out"
+        state = jobs.JobState("nightly-1", "RUNNING", metadata=sub.metadata)
+        assert state.run_dir == "s3://bucket/out/runs/nightly-1"  # known before the job prints anything
+    finally:
+        import shutil
+
+        shutil.rmtree(sub.staged_dir or "", ignore_errors=True)
+    by_url = jobs.prepare_submission("maskdiet curate", config="s3://b/c.yaml", submission_id="x")
+    assert "working_dir" not in by_url.runtime_env
+    assert by_url.entrypoint == "maskdiet curate --config s3://b/c.yaml --set run_id=x"
+    with pytest.raises(ValueError, match="not both"):
+        jobs.prepare_submission("maskdiet curate --config a.yaml", config=str(config))
+    with pytest.raises(ValueError, match="bad submission id"):
+        jobs.prepare_submission("maskdiet curate", submission_id="no spaces please")
+
+
+def test_address_resolution() -> None:
+    assert jobs.resolve_address(None, {}) == jobs.DEFAULT_ADDRESS
+    assert jobs.resolve_address("head:8265", {}) == "http://head:8265"
+    assert jobs.resolve_address(None, {"RAY_ADDRESS": "http://h:8265/"}) == "http://h:8265"
+    assert jobs.resolve_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"}) == jobs.DEFAULT_ADDRESS
+    with pytest.raises(jobs.JobsError, match="8265"):
+        jobs.resolve_address("ray://head:10001", {})
+
+
+# ---------------------------------------------------------------------------------------------- real head
+
+
+@pytest.mark.slow
+def test_curate_job_runs_to_success_and_finds_its_manifest(
+    ray_head: str, demo_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "curated"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"output": str(out), "data": {"read_batch_size": 32}}))
+    sid = f"curate-{os.getpid()}-{int(time.time())}"
+    code, stdout, stderr = _cli(
+        "jobs", "submit", "--address", ray_head, "--config", str(config), "--submission-id", sid,
+        "--follow", "--", "maskdiet", "curate", "--input", str(demo_folder), "--score", "none",
+    )  # fmt: skip
+    assert code == 0, stdout + stderr
+    assert stdout.splitlines()[0] == sid
+    assert "manifest:" in stdout  # the job's own output, streamed by --follow
+
+    code, stdout, _ = _cli("jobs", "status", sid, "--address", ray_head)
+    assert code == 0 and stdout.strip().splitlines()[-1] == "SUCCEEDED"
+    state = jobs.job_status(jobs.connect(ray_head), sid)
+    manifest_url = state.outputs["manifest"]
+    assert manifest_url == str(out / "manifest.parquet")
+    manifest = pd.read_parquet(manifest_url)
+    truth = pd.read_parquet(demo_folder / "_truth.parquet")
+    assert len(manifest) == len(truth) and manifest["kept"].all()
+    run_id = pq.read_schema(manifest_url).metadata[b"maskdiet.run_id"].decode()
+    assert run_id == sid  # jobs give run-producing commands run_id = submission id
+
+    code, logs, _ = _cli("jobs", "logs", sid, "--address", ray_head)
+    assert code == 0 and f"manifest: {manifest_url}" in logs
+
+    # The same id again is refused by the cluster: a retried submission cannot run twice.
+    with pytest.raises(jobs.JobsError, match="already exists"):
+        jobs.submit(jobs.connect(ray_head), "maskdiet curate", submission_id=sid)
+
+
+def test_long_job_is_stopped(ray_head: str) -> None:
+    sid = f"sleep-{os.getpid()}-{int(time.time())}"
+    code, stdout, stderr = _cli(
+        "jobs", "submit", "--address", ray_head, "--submission-id", sid, "--", "sleep", "600"
+    )
+    assert code == 0, stdout + stderr
+    client = jobs.connect(ray_head)
+    deadline = time.monotonic() + 60
+    while jobs.job_status(client, sid, with_outputs=False).status != "RUNNING":
+        assert time.monotonic() < deadline, "the sleep job never started"
+        time.sleep(0.5)
+    code, stdout, _ = _cli("jobs", "stop", sid, "--address", ray_head)
+    assert code == 0 and stdout.strip() == "STOPPED"
+    code, stdout, _ = _cli("jobs", "list", "--address", ray_head)
+    assert code == 0 and f"{sid} STOPPED" in stdout.splitlines()
+
+
+def test_wrong_token_is_rejected_without_showing_it(ray_head: str) -> None:
+    secret = "not-the-token-0123456789"
+    with pytest.raises(jobs.JobsError) as err:
+        jobs.list_jobs(jobs.connect(ray_head, env={"RAY_AUTH_TOKEN": secret}))
+    assert "RAY_AUTH_TOKEN" in str(err.value) and secret not in str(err.value)
+
+
+def test_missing_token_says_what_to_set(ray_head: str, tmp_path: Path) -> None:
+    """A user with no token anywhere (fresh HOME, no RAY_AUTH_* variables) is told exactly what to set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "jobs", "list", "--address", ray_head],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "requires a token" in proc.stderr and "RAY_AUTH_TOKEN" in proc.stderr
