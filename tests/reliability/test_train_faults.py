@@ -1,0 +1,114 @@
+"""Training faults: a Ray Train worker process SIGKILLed mid-run is restarted (FailureConfig) and resumes
+from the latest checkpoint: the run ends at the configured step, no step is logged twice, and the loss
+carries on from where it was instead of starting over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.demo_data import DemoSpec, write_demo_data
+from pipeline.storage import join
+from stages.manifest import write_manifest
+from stages.read import list_images
+
+STEPS, CHECKPOINT_EVERY = 120, 20
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of this session's Ray Train workers: children of *our* raylet whose title says RayTrainWorker
+    (other Ray instances on the machine are left alone). Found with psutil, not the State API, which
+    times out on an overloaded box."""
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node
+    (raylet,) = node.all_processes["raylet"]
+    pids = []
+    for proc in psutil.Process(raylet.process.pid).children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_killed_train_worker_resumes_from_checkpoint(ray_cluster: None, tmp_path: Path) -> None:
+    pytest.importorskip("pipeline.train")
+    from pipeline.train import pretrain, read_metrics
+
+    images, output = str(tmp_path / "images"), str(tmp_path / "pretrain")
+    write_demo_data(images, DemoSpec(per_class=6, seed=8))
+    config = load_config(
+        overrides=[
+            f"data.input={images}",
+            f"output={output}",
+            "pretrain.model=mae_vit_micro_patch4",
+            f"pretrain.steps={STEPS}",
+            "pretrain.batch_size=16",
+            "pretrain.num_workers=1",
+            "pretrain.cpus_per_worker=0.5",
+            "pretrain.base_lr=0.005",
+            "pretrain.warmup_steps=5",
+            "pretrain.log_every=5",
+            f"pretrain.eval_every={CHECKPOINT_EVERY}",
+            f"pretrain.checkpoint_every={CHECKPOINT_EVERY}",
+            "pretrain.max_failures=2",
+            "pretrain.val_images=8",
+            "data.read_batch_size=16",
+        ]
+    )
+    frame = list_images(config.data).frame()
+    frame["sha256"], frame["kept"], frame["reason"] = "", True, "kept"
+    manifest = join(str(tmp_path), "manifest.parquet")
+    write_manifest(manifest, frame, {"run_id": "train-faults"})
+
+    outcome: dict[str, object] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = pretrain(config, manifest, output, run_name="faulty")
+        except BaseException as e:  # reported by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    metrics_url = join(output, "metrics.jsonl")
+    killed_at, deadline = None, time.monotonic() + 400
+    while time.monotonic() < deadline and thread.is_alive():
+        lines = read_metrics(metrics_url)
+        # metrics.jsonl is written just before each report; a line at step 2×CHECKPOINT_EVERY means the
+        # loop went past the first checkpoint's report, so that checkpoint is persisted
+        if lines and lines[-1]["step"] >= 2 * CHECKPOINT_EVERY:
+            pids = _train_worker_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed_at = lines[-1]["step"]
+                break
+        time.sleep(0.5)
+    assert killed_at is not None and killed_at < STEPS, "the worker was never killed mid-run"
+    thread.join(timeout=500)
+    assert not thread.is_alive(), "training did not finish after the worker was killed"
+    assert "error" not in outcome, repr(outcome.get("error"))
+    result = outcome["result"]
+
+    assert result.steps == STEPS
+    steps = [h["step"] for h in result.history]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS  # nothing logged twice, ends where configured
+    resumed = [h for h in result.history if "resumed_from" in h]
+    assert len(resumed) == 1, result.history
+    start = resumed[0]["resumed_from"]
+    assert start >= CHECKPOINT_EVERY and start % CHECKPOINT_EVERY == 0 and start <= killed_at
+    # the loss carries on: the first interval after the restart is well below the run's first interval and
+    # close to the last one before the checkpoint it resumed from
+    before = next(h for h in result.history if h["step"] == start)
+    assert resumed[0]["loss"] < 0.9 * result.history[0]["loss"]
+    assert resumed[0]["loss"] < 1.3 * before["loss"]
