@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -55,15 +56,22 @@ class DecodeConfig(_Section):
 class ScoreConfig(_Section):
     method: Literal["el2n", "grand", "forgetting", "prototype", "none"] = "el2n"
     num_models: int = Field(5, ge=1)  # K proxy models from different seeds (the paper used ~10)
-    epochs: int = Field(4, ge=1)  # brief training: about a tenth of a full run, as in the paper
+    epochs: int = Field(10, ge=1)  # brief training: about a tenth of a full run (the paper: 20 of 200)
     model: Literal["cnn-small", "resnet18"] = "cnn-small"
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(0.05, gt=0.0)
+    batch_size: int = Field(64, gt=0)  # proxy training minibatch
+    lr: float = Field(0.1, gt=0.0)  # SGD (momentum 0.9, Nesterov), constant: scores are taken mid-run
     weight_decay: float = Field(5e-4, ge=0.0)
     seed: int = 0
     num_clusters: int = Field(10, ge=1)  # prototype scoring: k-means prototypes
     duplicate_threshold: float = Field(0.98, gt=0.0, le=1.0)  # cosine similarity for near-duplicates
     cache: bool = True  # reuse scores keyed by (sha256, scoring-config hash)
+    cache_url: str | None = None  # score cache root; None: <output>/score_cache
+    grand: Literal["last-layer", "full"] = "last-layer"  # full = per-example grad over all weights (slow)
+    augment: bool = True  # random ±2 px shifts while training proxies (never when scoring)
+    encoder: str | None = None  # prototype: a maskdiet encoder.pth to embed with instead of a proxy
+    cpus_per_model: float = Field(1.0, gt=0.0)  # CPUs per proxy-training Ray task (torch threads)
+    actors: int | None = Field(None, ge=1)  # scoring actor pool size; None: one per cluster CPU (max 8)
+    score_batch_size: int = Field(512, gt=0)  # rows per scoring batch in the actor pool
 
 
 class PruneConfig(_Section):
@@ -74,6 +82,7 @@ class PruneConfig(_Section):
     keep_count: int | None = Field(None, gt=0)  # absolute number kept
     offset: float = Field(0.1, ge=0.0, lt=1.0)  # hardest fraction dropped first as likely label noise
     bins: int = Field(10, ge=1)  # stratified (CCS) score bins
+    drop_duplicates: bool = True  # keep one image per near-duplicate group (score.duplicate_threshold)
     seed: int = 0
 
 
@@ -84,6 +93,9 @@ class MaskConfig(_Section):
     schedule: Literal["constant", "linear", "cosine", "step"] = "constant"
     hard_share_start: float = Field(0.0, ge=0.0, le=1.0)  # hard-patch: share chosen by predicted loss
     hard_share_end: float = Field(0.5, ge=0.0, le=1.0)
+    step_at: float = Field(0.5, gt=0.0, lt=1.0)  # step schedule: share of training before ratio_end applies
+    block_min_patches: int = Field(4, ge=1)  # block masking: smallest rectangle, in patches (BEiT: 16)
+    loss_head_weight: float = Field(1.0, ge=0.0)  # hard-patch: weight of the loss predictor's ranking loss
 
 
 class PretrainConfig(_Section):
@@ -110,6 +122,11 @@ class PretrainConfig(_Section):
     augment: bool = True  # random resized crop + flip
     seed: int = 0
     warm_start: str | None = None  # encoder.pth or checkpoint dir to start from
+    eval_every: int = Field(20, ge=1)  # steps between val_loss evaluations and ray.train.report calls
+    val_images: int = Field(64, ge=0)  # kept images held out (chosen by path hash) for val_loss; 0: none
+    val_mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)  # fixed random mask (fixed seed) for val_loss
+    crop_scale_min: float = Field(0.2, gt=0.0, le=1.0)  # random resized crop: smallest area share (MAE: 0.2)
+    hflip: float = Field(0.5, ge=0.0, le=1.0)  # probability of a horizontal flip
 
 
 class EvaluateConfig(_Section):
@@ -118,28 +135,37 @@ class EvaluateConfig(_Section):
     probe_epochs: int = Field(30, ge=1)
     probe_lr: float = Field(0.1, gt=0.0)
     holdout: float = Field(0.3, gt=0.0, lt=1.0)  # share of the labeled data used as the test split
+    pool: Literal["cls", "mean"] = "mean"  # encoder feature: CLS token or mean of the patch tokens
+    batch_size: int = Field(256, gt=0)  # images per feature-extraction batch
+    probe_batch_size: int = Field(256, gt=0)  # linear probe minibatch
     seed: int = 0
 
 
 class TuneConfig(_Section):
-    num_samples: int = Field(6, ge=1)
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    metric: str = "val_loss"
+    num_samples: int = Field(6, ge=1)  # trials drawn (with grid axes: repeats of the whole grid)
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's Train CPUs fit
+    metric: str = "val_loss"  # reported by the pretraining loop each eval interval
     mode: Literal["min", "max"] = "min"
-    scheduler: Literal["asha", "fifo"] = "asha"
-    search: Literal["random", "optuna"] = "random"
+    scheduler: Literal["asha", "fifo"] = "asha"  # asha: stop trials that trail at each rung
+    search: Literal["random", "optuna"] = "random"  # optuna needs `pip install maskdiet[tune]`
     grace_period: int = Field(1, ge=1)  # ASHA: evaluation intervals before a trial may be stopped
-    reduction_factor: int = Field(2, ge=2)
-    eval_every: int = Field(20, ge=1)  # steps between reports to Tune
-    cpus_per_trial: float = Field(0.5, gt=0.0)
-    space: dict[str, Any] = Field(default_factory=dict)  # see tuning/space.py
+    reduction_factor: int = Field(2, ge=2)  # ASHA: keep 1/reduction_factor of the trials at each rung
+    eval_every: int | None = Field(None, ge=1)  # steps between reports to Tune; None: pretrain.eval_every
+    cpus_per_trial: float = Field(0.5, gt=0.0)  # CPUs of each trial's Train workers (split over num_workers)
+    gpus_per_trial: float = Field(0.0, ge=0.0)  # GPUs of each trial's Train workers (>0 sets use_gpu)
+    space: dict[str, Any] = Field(default_factory=dict)  # axes to sweep; format in tuning/space.py
+    manifest: str | None = None  # scored manifest every trial prunes from; None: curate data.input once
+    name: str | None = None  # sweep name (folder under output); None: sweep-<timestamp>
     output: str | None = None  # None: <output>/sweeps
 
 
 class ScheduleConfig(_Section):
+    # previous run still active at the next slot: skip it (recorded `skipped`), queue it, or replace the old
     concurrency: Literal["skip", "queue", "replace"] = "skip"
+    # several slots missed (scheduler down): run the latest once, each of them, or none (see misfire_grace_s)
     catch_up: Literal["once", "all", "none"] = "once"
-    state: str | None = None  # state store URL; None: ~/.maskdiet/schedules.json
+    state: str | None = None  # state store URL (JSON object); None: ~/.maskdiet/schedules.json
+    misfire_grace_s: int = Field(300, ge=0)  # catch_up=none: a slot later than this is recorded as missed
 
 
 class Config(_Section):
@@ -238,8 +264,13 @@ def _format_validation_error(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r}")
-        else:
-            lines.append(f"bad value for {key!r}: {e['msg']} (got {e.get('input')!r})")
+            continue
+        # echo the bad value only when it is a plain value outside storage_options: a whole section (as
+        # model validators get) or a storage_options entry may hold credentials, which are never printed
+        value = e.get("input")
+        secret = "storage_options" in (str(p) for p in e["loc"])
+        shown = "" if secret or isinstance(value, dict | list) else f" (got {value!r:.80})"
+        lines.append(f"bad value for {key!r}: {e['msg']}{shown}")
     return "; ".join(lines)
 
 
@@ -261,6 +292,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Keys holding URLs; plain relative paths among them are made absolute when the config is loaded, because
+# Ray's worker processes run in other folders than the driver.
+PATH_KEYS = (
+    ("output",),
+    ("data", "input"),
+    ("data", "labels"),
+    ("score", "cache_url"),
+    ("score", "encoder"),
+    ("pretrain", "warm_start"),
+    ("tune", "manifest"),
+    ("tune", "output"),
+)
+
+
+def _absolute_paths(data: dict[str, Any]) -> None:
+    for keys in PATH_KEYS:
+        node: Any = data
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        value = node.get(keys[-1])
+        if isinstance(value, str) and value and "://" not in value:
+            node[keys[-1]] = os.path.abspath(os.path.expanduser(value))
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -274,6 +331,7 @@ def load_config(
         data = _merge(data, read_yaml(path))
     for assignment in overrides:
         apply_override(data, assignment)
+    _absolute_paths(data)
     try:
         return Config.model_validate(data)
     except ValidationError as e:

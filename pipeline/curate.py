@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.storage import join
+from pipeline.storage import join, output_lock
 from stages.decode import DecodeOptions, DecodeStage
 from stages.manifest import MANIFEST_NAME, QUARANTINE_NAME, write_manifest, write_quarantine
-from stages.read import AttachLabels, ImageListing, list_images, read_images
+from stages.read import ImageListing, ReadBytes, list_images, read_images
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def decode_listing(
 ) -> Decoded:
     """Read and decode every listed object with Ray Data; returns good rows (and pixels) and quarantine rows."""
     decode = DecodeStage(DecodeOptions.from_config(config.decode))
-    check_stages([AttachLabels({}), decode], initial=("path", "bytes"))
+    check_stages([ReadBytes(config.data.storage_options), decode], initial=("path", "label", "class_name"))
     ds = read_images(listing, config.data).map_batches(
         decode, batch_size=config.data.read_batch_size, batch_format="numpy"
     )
@@ -126,14 +126,16 @@ def curate(config: Config, progress: Progress | None = None, output: str | None 
     if progress:
         progress("list", len(listing), len(listing))
     scoring = config.score.method != "none"
+    score_counts: dict[str, int] = {}
     decoded = decode_listing(listing, config, keep_images=scoring, progress=progress)
     frame = decoded.frame.copy()
     if scoring:
         from stages.prune import prune
         from stages.score import score_decoded
 
-        scores = score_decoded(decoded, config, progress=progress)
-        frame = prune(scores, config.prune)
+        outcome = score_decoded(decoded, config, progress=progress)
+        frame = prune(outcome.frame, config.prune)
+        score_counts = {"scored": outcome.scored, "cached": outcome.cached}
     else:
         frame["score"] = np.nan
         frame["kept"] = True
@@ -142,11 +144,14 @@ def curate(config: Config, progress: Progress | None = None, output: str | None 
     manifest_url = join(output, MANIFEST_NAME)
     quarantine_url = join(output, QUARANTINE_NAME)
     so = config.data.storage_options
-    write_quarantine(quarantine_url, decoded.quarantine, metadata, so)
-    write_manifest(manifest_url, frame, metadata, so)
+    # each file is atomic; the lock keeps the pair from one run when two runs share an output
+    with output_lock(output, so):
+        write_quarantine(quarantine_url, decoded.quarantine, metadata, so)
+        write_manifest(manifest_url, frame, metadata, so)
     counts = Counter(frame["reason"].tolist()) + Counter(
         f"quarantine:{r}" for r in decoded.quarantine["reason"]
     )
+    counts.update(score_counts)  # scored = cache misses scored this run, cached = cache hits
     seconds = time.perf_counter() - start
     log.info("curated %d objects in %.1f s", len(listing), seconds)
     return CurateResult(

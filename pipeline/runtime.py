@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 
 import ray
@@ -33,18 +34,54 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     else:
         log.info("starting a local Ray (num_cpus=%s)", config.num_cpus or os.cpu_count())
-        ray.init(
-            address="local",
-            num_cpus=config.num_cpus,
-            num_gpus=config.num_gpus,
-            include_dashboard=config.include_dashboard,
-            logging_level=logging.WARNING,
-            configure_logging=True,
+        start_local_ray(
+            num_cpus=config.num_cpus, num_gpus=config.num_gpus, include_dashboard=config.include_dashboard
         )
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray(
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    include_dashboard: bool = True,
+    object_store_memory: int | None = None,
+) -> None:
+    """Start a new local Ray (never joining a stale one) with its dashboard pinned for Ray's own processes.
+
+    Ray Train's placement-group cleaner (it frees the workers of a run that Tune stopped early) asks the
+    State API whether the Train controller lives; without `RAY_API_SERVER_ADDRESS` it picks the newest Ray on
+    the machine, which is another cluster whenever two run side by side (a test session and a `ray start`
+    head, say): early-stopped trials then leak their CPUs. Ray's processes inherit the variable at start;
+    this process drops it again, since it would override the address of job clients.
+    """
+    port = _free_port() if include_dashboard else None
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if port:
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=include_dashboard,
+            dashboard_port=port,
+            object_store_memory=object_store_memory,
+            logging_level=logging.WARNING,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 def cluster_cpus() -> float:

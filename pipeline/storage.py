@@ -7,18 +7,31 @@ folder and a bucket. S3 endpoints and credentials come from the standard AWS var
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import json
+import logging
 import os
 import posixpath
+import socket
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
 from fsspec import AbstractFileSystem
 
+log = logging.getLogger(__name__)
+
 
 class StorageError(RuntimeError):
     """An object store or folder could not be used; the message says which URL and what to check."""
+
+
+class LockHeld(StorageError):
+    """Another live run holds the output's lock; the message names it and how to clear a dead one."""
 
 
 def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
@@ -111,3 +124,122 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = url_to_fs(url, storage_options)
     return fs.exists(path)
+
+
+# ---------------------------------------------------------------------------------------------- output lock
+
+LOCK_NAME = ".maskdiet.lock"
+
+
+def _create_exclusive(fs: AbstractFileSystem, path: str, body: bytes) -> bool:
+    """Create `path` holding `body` only if it does not exist; False when it does.
+
+    Local: `O_CREAT | O_EXCL`. S3: a conditional PUT (`If-None-Match: *`), which S3 and moto honour.
+    """
+    if is_local(fs):
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        return True
+    try:
+        fs.pipe_file(path, body, mode="create")
+    except FileExistsError:
+        return False
+    except TypeError:  # a filesystem without exclusive create: best effort
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, body)
+    return True
+
+
+def _read_lock(fs: AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # a torn or foreign lock file: treat as stale
+        return {}
+
+
+def _is_stale(holder: dict[str, Any], stale_after: float) -> bool:
+    """A lock is stale when its process is gone (same host) or it is older than `stale_after` seconds."""
+    if not holder:
+        return True
+    if time.time() - float(holder.get("time", 0)) > stale_after:
+        return True
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def output_lock(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    wait: float = 60.0,
+    stale_after: float = 600.0,
+    poll: float = 0.5,
+) -> Iterator[None]:
+    """Hold `<url>/.maskdiet.lock` while a run writes its set of files into `url`.
+
+    Each file is written atomically on its own; the lock makes the *set* (manifest + quarantine) come from
+    one run when two runs target the same output: the second waits up to `wait` seconds, then is refused
+    with `LockHeld`. A lock left by a killed run is broken when its process is gone (same host) or it is
+    older than `stale_after` seconds (hold it only for the short commit, so that bound is generous).
+    """
+    fs, root = url_to_fs(url, storage_options)
+    path = posixpath.join(root.rstrip("/"), LOCK_NAME)
+    owner = uuid.uuid4().hex
+    body = json.dumps(
+        {
+            "owner": owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.time(),
+            "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+    ).encode()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            created = _create_exclusive(fs, path, body)
+        except PermissionError as e:
+            raise StorageError(f"cannot write to {url}: access denied ({e})") from None
+        if created:
+            break
+        holder = _read_lock(fs, path)
+        if holder is None:
+            continue  # released between our attempt and the read: try again at once
+        if holder.get("owner") == owner:
+            break  # our own create went through, its answer was lost and the retry saw our lock
+        if _is_stale(holder, stale_after):
+            log.warning(
+                "breaking a stale lock on %s (pid %s on %s)", url, holder.get("pid"), holder.get("host")
+            )
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)
+            continue
+        if time.monotonic() >= deadline:
+            raise LockHeld(
+                f"output {url} is being written by another maskdiet run (pid {holder.get('pid')} on "
+                f"{holder.get('host')} since {holder.get('since')}); wait for it, or if that run is dead "
+                f"delete {to_url(fs, path)}"
+            )
+        time.sleep(poll)
+    try:
+        yield
+    finally:
+        holder = _read_lock(fs, path)
+        if holder is not None and holder.get("owner") == owner:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)

@@ -60,6 +60,33 @@ class DecodeOptions:
         )
 
 
+# Leading bytes of the formats we decode: an object that starts like an image but will not open is a damaged
+# image (truncated or corrupt), not "not-an-image" (e.g. a WebP cut short fails at open, not at load).
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
+def _unreadable(data: bytes, message: str) -> tuple[str, str]:
+    """(reason, message) for bytes no decoder would open: `not-an-image` unless they start like an image."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        declared = int.from_bytes(data[4:8], "little") + 8  # RIFF size counts the bytes after the first 8
+        if declared > len(data):
+            return "truncated", f"WebP declares {declared} bytes, object has {len(data)} ({message})"
+        return "corrupt", f"WebP: {message}"
+    fmt = next((f for sig, f in _SIGNATURES.items() if data.startswith(sig)), None)
+    if fmt is None:
+        return "not-an-image", message
+    lowered = message.lower()
+    reason = "truncated" if ("truncat" in lowered or "eof" in lowered) else "corrupt"
+    return reason, f"{fmt}: {message}"
+
+
 def _open(data: bytes, options: DecodeOptions) -> Image.Image:
     if len(data) == 0:
         raise BadImage("empty", "zero-byte object")
@@ -73,9 +100,9 @@ def _open(data: bytes, options: DecodeOptions) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise BadImage("too-large", str(e)) from None
     except UnidentifiedImageError:
-        raise BadImage("not-an-image", "no image format recognises these bytes") from None
+        raise BadImage(*_unreadable(data, "no image format recognises these bytes")) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImage("not-an-image", f"{type(e).__name__}: {e}") from None
+        raise BadImage(*_unreadable(data, f"{type(e).__name__}: {e}")) from None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise BadImage("corrupt", f"declared size {width}x{height}")

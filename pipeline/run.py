@@ -1,0 +1,144 @@
+"""The whole pipeline in one function: curate → pretrain → evaluate → report, into one run directory.
+
+    <output>/runs/<run_id>/
+        config.yaml          the resolved config (secrets redacted)
+        manifest.parquet     what was kept and why;  quarantine.parquet: what could not be decoded
+        checkpoints/         Ray Train checkpoints (rerunning the same run_id resumes from the latest)
+        encoder.pth          the pretrained encoder, timm ViT keys
+        metrics.jsonl        one JSON line per reported training step
+        evaluation.json      kNN / linear-probe accuracy, pretrained and random init
+        summary.json         the numbers printed at the end
+        report/              PNG plots, index.html, summary.md
+    <output>/runs/latest     the URL of the newest finished run (for `--previous latest`)
+    <output>/score_cache/    scores by (content hash, scoring config): reruns score only new images
+
+Everything is written per stage and idempotently, so an interrupted run (Ctrl-C, a dead node) is resumed by
+running the same command with `--set run_id=<id>`: curation reuses the score cache, training resumes from
+its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import Config, dump_config
+from pipeline.curate import CurateResult, Progress, curate, new_run_id
+from pipeline.storage import atomic_write_bytes, exists, join, read_bytes
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    curate: CurateResult
+    summary: dict[str, Any] = field(default_factory=dict)
+    report_url: str | None = None
+
+
+def resolve_previous(output: str, previous: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """`latest` → the run dir recorded in `<output>/runs/latest` (None when there is none); else as given."""
+    if previous != LATEST:
+        return previous.rstrip("/")
+    pointer = join(output, "runs", LATEST)
+    if not exists(pointer, storage_options):
+        return None
+    return read_bytes(pointer, storage_options).decode().strip()
+
+
+def noise_caught(
+    manifest: pd.DataFrame, input_url: str, storage_options: dict[str, Any] | None
+) -> dict[str, int]:
+    """When the input carries demo truth (`_truth.parquet`), how many injected wrong labels were pruned."""
+    truth_url = join(input_url, "_truth.parquet")
+    try:
+        if not exists(truth_url, storage_options):
+            return {}
+        truth = pd.read_parquet(pd.io.common.BytesIO(read_bytes(truth_url, storage_options)))
+    except Exception:  # a user's folder may hold an unrelated file of that name
+        return {}
+    noisy = set(truth.loc[truth["noisy"], "path"])
+    pruned = set(manifest.loc[~manifest["kept"], "path"])
+    return {"noisy_total": len(noisy), "noisy_pruned": len(noisy & pruned)}
+
+
+def run_pipeline(
+    config: Config,
+    previous: str | None = None,
+    progress: Progress | None = None,
+    stages: tuple[str, ...] = ("curate", "pretrain", "evaluate", "report"),
+) -> RunResult:
+    """Run the whole pipeline per `config`; see the module docstring for what lands where."""
+    start = time.perf_counter()
+    so = config.data.storage_options
+    run_id = config.run_id or new_run_id()
+    run_dir = join(config.output, "runs", run_id)
+    updates: dict[str, Any] = {"run_id": run_id}
+    if config.score.cache_url is None:
+        updates["score"] = config.score.model_copy(update={"cache_url": join(config.output, "score_cache")})
+    previous_dir = resolve_previous(config.output, previous, so) if previous else None
+    if previous_dir and config.pretrain.warm_start is None and exists(join(previous_dir, "encoder.pth"), so):
+        updates["pretrain"] = config.pretrain.model_copy(
+            update={"warm_start": join(previous_dir, "encoder.pth")}
+        )
+    config = config.model_copy(update=updates)
+    atomic_write_bytes(join(run_dir, "config.yaml"), dump_config(config).encode(), so)
+    log.info("run %s → %s", run_id, run_dir)
+
+    curated = curate(config, progress=progress, output=run_dir)
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "run_dir": run_dir,
+        "images_read": len(curated.manifest) + len(curated.quarantine),
+        "quarantined": len(curated.quarantine),
+        "kept": int(curated.manifest["kept"].sum()),
+        "pruned": int((~curated.manifest["kept"]).sum()),
+        "scored": curated.counts.get("scored", 0),
+        "cached": curated.counts.get("cached", 0),
+        "curate_images_per_s": round(curated.images_per_second, 1),
+        **noise_caught(curated.manifest, config.data.input, so),
+    }
+    if previous_dir:
+        summary["previous_run"] = previous_dir
+        prev = pd.read_parquet(pd.io.common.BytesIO(read_bytes(join(previous_dir, "manifest.parquet"), so)))
+        summary["new_images"] = int((~curated.manifest["path"].isin(prev["path"])).sum())
+
+    if "pretrain" in stages:
+        from pipeline.train import pretrain
+
+        trained = pretrain(
+            config, curated.manifest_url, run_dir, run_name=f"pretrain-{run_id}", progress=progress
+        )
+        summary.update(
+            steps=trained.steps,
+            first_loss=trained.first_loss,
+            final_loss=trained.final_loss,
+            train_images_per_s=trained.images_per_s,
+        )
+        if "evaluate" in stages:
+            from pipeline.evaluate import evaluate_encoder
+
+            # Frozen-encoder kNN / linear probe on the input's labeled images, next to a random init.
+            evaluation = evaluate_encoder(join(run_dir, "encoder.pth"), config.data.input, config).as_dict()
+            atomic_write_bytes(
+                join(run_dir, "evaluation.json"), json.dumps(evaluation, indent=2).encode(), so
+            )
+            summary.update({k: v for k, v in evaluation.items() if isinstance(v, int | float)})
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write_bytes(join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode(), so)
+    report_url = None
+    if "report" in stages:
+        from pipeline.report import write_report
+
+        report_url = write_report(run_dir, so)
+        summary["report"] = join(report_url, "index.html")
+    atomic_write_bytes(join(config.output, "runs", LATEST), run_dir.encode(), so)
+    return RunResult(run_dir=run_dir, curate=curated, summary=summary, report_url=report_url)
