@@ -38,7 +38,13 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
     """The fsspec filesystem for `url` and the path inside it (no protocol)."""
     if not url:
         raise StorageError("empty URL: give a local path or an fsspec URL such as s3://bucket/prefix")
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    options = dict(storage_options or {})
+    protocol, _ = fsspec.core.split_protocol(url)
+    if protocol not in (None, "file", "local"):
+        # Buckets change under us (other writers, the next scheduled run): a cached listing would hide new
+        # objects, and s3fs even answers "not found" for an object missing from a cached parent listing.
+        options.setdefault("use_listings_cache", False)
+    fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path
 
 
