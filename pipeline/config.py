@@ -99,7 +99,7 @@ class MaskConfig(_Section):
 
 
 class PretrainConfig(_Section):
-    model: str = "mae_vit_tiny_patch4"  # see pipeline/mae.py for sizes
+    model: str = "mae_vit_mini_patch4"  # see pipeline/mae.py for sizes
     image_size: int | None = None  # None: decode.image_size
     decoder_dim: int | None = None  # None: the size's default
     decoder_depth: int | None = None
@@ -115,6 +115,7 @@ class PretrainConfig(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0.0)  # None: sized from the cluster and data_cpu_share
+    threads: int | None = Field(None, ge=1)  # torch threads per worker; None: see train.torch_threads
     checkpoint_every: int = Field(100, ge=1)
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)

@@ -1,8 +1,10 @@
 """Demo data: a labeled image folder (`<root>/<class>/<name>.png|jpg`) written offline to any fsspec URL.
 
 Sources, all shipped with installed packages or generated:
-- `digits`: scikit-learn's 8×8 handwritten digits (1,797 of them), upscaled, with a random colour pair,
-  shift and a little noise per copy; classes `digit_0` … `digit_9`.
+- `digits`: scikit-learn's 8×8 handwritten digits (1,797 of them), upscaled, with a random grey-level pair
+  (ink and paper), shift and a little noise per copy; classes `digit_0` … `digit_9`. The pair is grey, not
+  coloured: a random hue per image is what any pixel-reconstruction objective (MAE) learns to encode first,
+  and it then drowns the digit's shape in the encoder's features (measured: kNN at chance after training).
 - `shapes`: procedurally drawn shapes (circle, square, triangle, cross, ring, stripes) of random size,
   position and colour.
 - `photos`: random crops of scikit-image's sample photos; the class is the photo.
@@ -85,9 +87,9 @@ def _digit_renderer(size: int) -> tuple[list[str], Callable[[int, np.random.Gene
         canvas = np.zeros((size, size), dtype=np.float32)
         dy, dx = rng.integers(0, size - inner + 1, size=2)
         canvas[dy : dy + inner, dx : dx + inner] = img / 255.0
-        fg = rng.uniform(0.5, 1.0, size=3)
-        bg = rng.uniform(0.0, 0.35, size=3)
-        rgb = bg + canvas[..., None] * (fg - bg)
+        fg = rng.uniform(0.5, 1.0)  # ink and paper grey levels: varied contrast, no hue (module docs)
+        bg = rng.uniform(0.0, 0.35)
+        rgb = np.repeat(bg + canvas[..., None] * (fg - bg), 3, axis=2)
         rgb += rng.normal(0, 0.03, size=rgb.shape)
         return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
