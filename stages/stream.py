@@ -152,11 +152,15 @@ def training_dataset(frame: pd.DataFrame, config: Config, epochs: int, seed: int
     pretrain = config.pretrain
     augment = AugmentStage(size, seed, pretrain.augment, pretrain.crop_scale_min, pretrain.hflip)
     batch = data.read_batch_size
-    return (
+    dataset = (
         read_images(listing, data)
         .map_batches(DecodeStage(decode_options), batch_size=batch, batch_format="numpy")
         .map_batches(augment, batch_size=batch, batch_format="numpy")
     )
+    # One fused operator: Ray Data's per-operator reservation would hold it to half the CPUs it may use
+    # (measured: 2,000 JPEGs on 2 CPUs ran one task at a time, 1.4 s a pass; without it 0.8 s).
+    dataset.context.op_resource_reservation_enabled = False
+    return dataset
 
 
 def load_images(paths: list[str], config: Config, size: int | None = None, threads: int = 8) -> np.ndarray:
