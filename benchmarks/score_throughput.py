@@ -31,6 +31,9 @@ from stages.score import ProxySpec, build_proxy, el2n, grand_last_layer, score_r
 
 log = logging.getLogger(__name__)
 
+# The target (read by run_all.py): the actor pool at ≥ 0.9× a bare torch loop, start-up included.
+TARGETS = {"score_throughput_ratio_vs_torch_loop": (">=", 0.9)}
+
 K = 5
 SIZE = 32
 CLASSES = 10
