@@ -62,3 +62,20 @@ def test_schedule_needs_an_end_ratio() -> None:
 def test_secrets_are_redacted() -> None:
     config = load_config(None, ["data.storage_options.secret=hunter2"])
     assert "hunter2" not in dump_config(config)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (Path(__file__).parents[2] / "examples").glob("*.yaml"))
+)
+def test_example_configs_load(name: str) -> None:
+    config = load_config(Path(__file__).parents[2] / "examples" / name)
+    assert config.output
+
+
+def test_the_example_demo_is_the_embedded_demo() -> None:
+    """`maskdiet run examples/demo.yaml` and `maskdiet run` train the same thing."""
+    from importlib.resources import files
+
+    embedded = load_config(str(files("pipeline") / "demo.yaml"))
+    example = load_config(Path(__file__).parents[2] / "examples" / "demo.yaml")
+    assert example.pretrain == embedded.pretrain and example.prune == embedded.prune
