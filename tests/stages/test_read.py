@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +11,7 @@ from pipeline.config import load_config
 from pipeline.curate import curate
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.manifest import read_table
-from stages.read import LabelsError, block_bounds, list_images
+from stages.read import LabelsError, list_images
 
 
 def check_outcome(root: str, output: str) -> pd.DataFrame:
@@ -59,12 +58,3 @@ def test_labels_table(ray_cluster: None, demo_folder: Path, tmp_path: Path) -> N
     table.to_csv(tmp_path / "labels.csv", index=False)
     with pytest.raises(LabelsError, match="references 1 file"):
         list_images(config.data)
-
-
-def test_read_blocks_ramp_up_then_stay_at_task_rows() -> None:
-    data = load_config(overrides=["data.read_batch_size=64", "data.task_rows=256"]).data
-    bounds = block_bounds(1000, data)
-    assert [b - a for a, b in bounds] == [64, 128, 256, 256, 256, 40]
-    assert bounds[0][0] == 0 and bounds[-1][1] == 1000
-    assert all(prev[1] == nxt[0] for prev, nxt in itertools.pairwise(bounds))
-    assert block_bounds(10, data) == [(0, 10)] and block_bounds(0, data) == []
