@@ -7,47 +7,21 @@ endpoint through s3fs exactly as a user's would.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing-key-id",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.common import free_port, moto_s3
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    """moto's S3 server on a free local port; yields its endpoint URL and sets the AWS variables."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(AWS_ENV)
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    try:
+    """moto's S3 server on a free local port; yields its endpoint URL and sets the AWS variables (the same
+    server the benchmarks start: `benchmarks.common.moto_s3`)."""
+    with moto_s3() as endpoint:
         yield endpoint
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture
@@ -110,7 +84,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     def start() -> tuple[subprocess.Popen, str, Path]:
         gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = (
-            _free_port() for _ in range(9)
+            free_port() for _ in range(9)
         )
         log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
         cmd = [
