@@ -14,11 +14,12 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.demo_data import DemoSpec, write_demo_data
-from pipeline.storage import join
+from pipeline.storage import join, url_to_fs
 from stages.manifest import write_manifest
 from stages.read import list_images
 
-STEPS, CHECKPOINT_EVERY = 120, 20
+# Enough steps that the kill lands mid-run: on an idle 2-core box this micro model trains ~40 steps a second.
+STEPS, CHECKPOINT_EVERY = 300, 20
 
 
 def _train_worker_pids() -> list[int]:
@@ -82,12 +83,16 @@ def test_killed_train_worker_resumes_from_checkpoint(ray_cluster: None, tmp_path
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     metrics_url = join(output, "metrics.jsonl")
+    fs, _ = url_to_fs(output)
+    snapshot = join(output, "checkpoints", "faulty", "checkpoint_manager_snapshot.json")
     killed_at, deadline = None, time.monotonic() + 400
     while time.monotonic() < deadline and thread.is_alive():
         lines = read_metrics(metrics_url)
         # metrics.jsonl is written just before each report; a line at step 2×CHECKPOINT_EVERY means the
-        # loop went past the first checkpoint's report, so that checkpoint is persisted
-        if lines and lines[-1]["step"] >= 2 * CHECKPOINT_EVERY:
+        # loop went past the first checkpoint's report. Ray Train's controller registers a reported
+        # checkpoint a little later (then writes its snapshot): kill only after that, or the restart
+        # rightly finds no checkpoint and starts from zero.
+        if lines and lines[-1]["step"] >= 2 * CHECKPOINT_EVERY and fs.exists(snapshot):
             pids = _train_worker_pids()
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
