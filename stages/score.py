@@ -2,8 +2,9 @@
 
 The method is "Deep Learning on a Data Diet" (Paul, Ganguli, Dziugaite, 2021). K small classifiers
 (different seeds) train for a few epochs on the decoded images — one Ray task each, the pixels put in the
-object store once — then every example is scored by a Ray Data `map_batches` actor pool that loads the K
-models once per actor. Higher is harder for every score:
+object store once — then every example is scored by Ray Data `map_batches` tasks on the same, already warm
+workers (or, with `score.compute=actors`, an actor pool that loads the K models once per actor). Higher is
+harder for every score:
 
 - `el2n`: E_k ‖softmax(f_k(x)) − onehot(y)‖₂ (L2 norm, not squared), eval mode, no augmentation;
   0 ≤ el2n ≤ √2, and a uniform prediction gives √(1 − 1/C). `el2n_std` is the std over the K models.
@@ -374,10 +375,38 @@ class ScoreModels:
         return out
 
 
+def score_batch(batch: dict[str, np.ndarray], batch_size: int, **models: Any) -> dict[str, np.ndarray]:
+    """`map_batches` function for `score.compute=tasks`: one block of rows, scored `batch_size` at a time
+    by `ScoreModels(**models)` built once for the block.
+
+    Building the K small proxies takes milliseconds, while an actor pool starts a fresh process per actor
+    on every run (torch's import and the models: seconds, measured about 6–10 s on 2 CPUs); tasks run on
+    Ray's already-started workers, warm from proxy training.
+    """
+    scorer = ScoreModels(**models)
+    rows = np.asarray(batch["row"], dtype=np.int64)
+    parts = [scorer({"row": rows[i : i + batch_size]}) for i in range(0, len(rows), batch_size)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def scoring_actors(config: ScoreConfig, rows: int) -> int:
     """Actor pool size: `score.actors`, else one per cluster CPU (at most 8), never more than batches."""
     size = config.actors or max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
     return max(1, min(size, math.ceil(rows / config.score_batch_size)))
+
+
+def rows_per_block(config: ScoreConfig, rows: int) -> int:
+    """Rows per Ray Data block (one task or actor call each).
+
+    Actors score one batch per call. A task pays for deserialising and building the K models (about
+    a fifth of a 512-row batch's time on CPU), so it takes up to 8 batches — while still leaving about
+    4 tasks per CPU, so the CPUs finish together and progress moves.
+    """
+    if config.compute == "actors":
+        return config.score_batch_size
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    batches = rows // (config.score_batch_size * 4 * cpus)
+    return config.score_batch_size * max(1, min(8, batches))
 
 
 def score_rows(
@@ -390,32 +419,38 @@ def score_rows(
     embed: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
-    """Score `rows` (indices into images/labels) with the K proxies in a Ray Data actor pool.
-
-    Returns columns keyed as in `ScoreModels`, in `rows` order.
+    """Score `rows` (indices into images/labels) with the K proxies, as Ray Data tasks or an actor pool
+    (`score.compute`). Returns columns keyed as in `ScoreModels`, in `rows` order.
     """
     if len(rows) == 0:
         return {"row": np.zeros(0, dtype=np.int64)}
     size = scoring_actors(config, len(rows))
-    # One block per scoring batch, made on the driver: no upstream Ray Data task has to compete with the
-    # actors for CPUs (a repartition here deadlocked once the actors held every CPU).
-    chunks = np.array_split(np.asarray(rows, dtype=np.int64), math.ceil(len(rows) / config.score_batch_size))
-    ds = ray.data.from_numpy(chunks).rename_columns({"data": "row"})
-    scored = ds.map_batches(
-        ScoreModels,
-        fn_constructor_kwargs={
-            "states": ray.put(states),
-            "spec": spec,
-            "images": ray.put(images),
-            "labels": None if labels is None else ray.put(np.asarray(labels, dtype=np.int64)),
-            "grand": config.grand,
-            "embed": embed,
-        },
-        batch_size=config.score_batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=size),
-        num_cpus=1,
-    )
+    # The blocks are made on the driver: no upstream Ray Data task has to compete with the scorers for
+    # CPUs (a repartition here deadlocked once an actor pool held every CPU), and each block is one call
+    # (`batch_size=None`), not a batch spliced from two blocks.
+    rows = np.asarray(rows, dtype=np.int64)
+    step = rows_per_block(config, len(rows))
+    ds = ray.data.from_numpy([rows[i : i + step] for i in range(0, len(rows), step)])
+    ds = ds.rename_columns({"data": "row"})
+    # Ray Data's per-operator reservation held the scoring tasks to one at a time for the first second
+    # on 2 CPUs (measured); with one operator there is nothing to reserve against.
+    ds.context.op_resource_reservation_enabled = False
+    models = {
+        "states": ray.put(states),
+        "spec": spec,
+        "images": ray.put(images),
+        "labels": None if labels is None else ray.put(np.asarray(labels, dtype=np.int64)),
+        "grand": config.grand,
+        "embed": embed,
+    }
+    common: dict[str, Any] = {"batch_size": None, "batch_format": "numpy", "num_cpus": 1}
+    if config.compute == "actors":
+        scored = ds.map_batches(
+            ScoreModels, fn_constructor_kwargs=models, compute=ray.data.ActorPoolStrategy(size=size), **common
+        )
+    else:
+        models["batch_size"] = config.score_batch_size
+        scored = ds.map_batches(score_batch, fn_kwargs=models, **common)
     parts: list[dict[str, np.ndarray]] = []
     done = 0
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):

@@ -15,19 +15,21 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pipeline.config import Config, PruneConfig, load_config
+from pipeline.config import Config, PruneConfig, ScoreConfig, load_config
 from pipeline.curate import Decoded, decode_listing
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.prune import prune
 from stages.read import list_images
 from stages.score import (
     ProxySpec,
+    ScoreModels,
     ScoreOutcome,
     build_proxy,
     el2n,
     grand_full,
     grand_last_layer,
     score_decoded,
+    score_rows,
     to_input,
     train_proxy,
 )
@@ -72,6 +74,26 @@ def test_last_layer_grand_matches_autograd() -> None:
     every = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
     assert full[2] == pytest.approx(every.item(), rel=1e-4)
     assert (full >= closed - 1e-5).all()  # the head's gradient is part of the whole
+
+
+@pytest.mark.parametrize("compute", ["tasks", "actors"])
+def test_score_rows_match_one_process(ray_cluster: None, compute: str) -> None:
+    """Ray Data tasks and the actor pool give the numbers one in-process `ScoreModels` gives, in row order."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(300, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, size=300)
+    config = ScoreConfig(num_models=2, compute=compute, score_batch_size=64, actors=2)
+    spec = ProxySpec.from_config(config, 4)
+    states = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        states.append(build_proxy(spec.model, 4).state_dict())
+    rows = rng.permutation(300)[:250]  # a subset, out of order
+    got = score_rows(rows, images, labels, states, spec, config, embed=True)
+    want = ScoreModels(states, spec, images, labels, embed=True)({"row": rows})
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 # ---------------------------------------------------------------------------------------------- real data
