@@ -36,7 +36,16 @@ CACHE_COLUMNS = ("sha256", "label", "el2n", "el2n_std", "grand", "forgetting", "
 MAX_SHARDS = 16
 
 # Score settings that do not change any score value (where and how fast it runs) stay out of the key.
-_NOT_IN_KEY = {"method", "cache", "cache_url", "cpus_per_model", "actors", "score_batch_size", "num_clusters"}
+_NOT_IN_KEY = {
+    "method",
+    "cache",
+    "cache_url",
+    "cpus_per_model",
+    "compute",
+    "actors",
+    "score_batch_size",
+    "num_clusters",
+}
 
 
 def scoring_key(config: Config, classes: list[str], task: str) -> str:

@@ -41,7 +41,9 @@ def test_key_follows_what_changes_scores() -> None:
     base = load_config(None, [])
     key = scoring_key(base, ["a", "b"], "labels")
     assert key == scoring_key(
-        load_config(None, ["score.actors=3", "score.method=grand"]), ["a", "b"], "labels"
+        load_config(None, ["score.actors=3", "score.method=grand", "score.compute=actors"]),
+        ["a", "b"],
+        "labels",
     )
     assert key != scoring_key(load_config(None, ["score.epochs=3"]), ["a", "b"], "labels")
     assert key != scoring_key(load_config(None, ["decode.image_size=64"]), ["a", "b"], "labels")
