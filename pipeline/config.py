@@ -33,6 +33,9 @@ class RayConfig(_Section):
     num_gpus: int | None = None  # local Ray only
     include_dashboard: bool = True  # Tune's early stopping frees Train resources through the State API
     data_cpu_share: float = Field(0.5, gt=0.0, lt=1.0)  # share of CPUs left to Ray Data beside Train workers
+    # Ray Train's own console lines below this level (worker-group start, every report and checkpoint) go
+    # only to its log files under the Ray session folder; INFO shows them all. Our logs are unaffected.
+    train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
 
 class DataConfig(_Section):

@@ -118,3 +118,5 @@ def configure_data_context(show_progress: bool = False) -> None:
     ctx.enable_auto_log_stats = False
     ctx.retried_io_errors = sorted(set(ctx.retried_io_errors) | set(RETRIED_IO_ERRORS))
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Its one warning says that Ray's progress bars are off, which they are on purpose.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -40,7 +40,14 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config
@@ -186,6 +193,7 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=pre.num_to_keep),
             failure_config=FailureConfig(max_failures=pre.max_failures),
             callbacks=list(callbacks or []),
+            logging_config=LoggingConfig(log_level=config.ray.train_log_level),
         ),
         datasets={"train": dataset},
     )
@@ -352,9 +360,23 @@ def _save_checkpoint(
     torch.save(state, os.path.join(directory, STATE_NAME))
 
 
+def _quiet_report_lines(level: str) -> None:
+    """Apply `ray.train_log_level` to the line Ray Train 2.60 logs for every report on each worker.
+
+    That logger is named after its file path (`ray/train/v2/_internal/execution/context.py`), so the
+    `LoggingConfig` filter, which matches names under `ray.train`, lets it through at any level.
+    """
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: nothing to adjust
+        return
+    logging.getLogger(train_context.__file__).setLevel(level)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """One Train worker: resume → train steps → validate / report / checkpoint → export (rank 0)."""
     config = Config.model_validate(loop_config["config"])
+    _quiet_report_lines(config.ray.train_log_level)
     pre = config.pretrain
     so = config.data.storage_options
     output = loop_config["output"]

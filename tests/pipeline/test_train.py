@@ -12,7 +12,7 @@ from pipeline.demo_data import DemoSpec, write_demo_data
 from pipeline.evaluate import read_encoder_state, size_from_state
 from pipeline.mae import timm_encoder
 from pipeline.storage import join, url_to_fs
-from pipeline.train import TrainingDiverged, pretrain, read_metrics, worker_resources
+from pipeline.train import TrainingDiverged, build_trainer, pretrain, read_metrics, worker_resources
 from stages.manifest import write_manifest
 from stages.read import list_images
 
@@ -63,6 +63,16 @@ def test_worker_resources_leave_cpus_to_ray_data(ray_cluster) -> None:
     assert worker_resources(config) == {"CPU": 0.5}  # 2 CPUs × (1 − 0.5) / 2 workers
     config = load_config(overrides=["pretrain.num_workers=1", "pretrain.cpus_per_worker=0.25"])
     assert worker_resources(config) == {"CPU": 0.25}
+
+
+def test_ray_train_console_level_follows_config(ray_cluster, s3_manifest, s3_bucket) -> None:
+    """Ray Train's own INFO lines (every report and checkpoint) stay off the console unless asked for."""
+    images, manifest = s3_manifest
+    output = join(s3_bucket, "quiet")
+    quiet = build_trainer(_config(images, output), manifest, output)
+    assert quiet.run_config.logging_config.log_level == "WARNING"
+    chatty = build_trainer(_config(images, output, "ray.train_log_level=INFO"), manifest, output)
+    assert chatty.run_config.logging_config.log_level == "INFO"
 
 
 @pytest.mark.slow
