@@ -74,9 +74,9 @@ class ScoreConfig(_Section):
     augment: bool = True  # random ±2 px shifts while training proxies (never when scoring)
     encoder: str | None = None  # prototype: a maskdiet encoder.pth to embed with instead of a proxy
     cpus_per_model: float = Field(1.0, gt=0.0)  # CPUs per proxy-training Ray task (torch threads)
-    # How scoring runs in Ray Data. "tasks": one task per batch on Ray's already-running workers, which
-    # rebuild the K small proxies per batch (milliseconds); "actors": an actor pool that loads them once
-    # per actor but starts fresh processes every run (seconds: a process, torch's import, the models).
+    # How scoring runs in Ray Data. "tasks": tasks of 1–8 batches on Ray's already-running workers, each
+    # rebuilding the K small proxies once (milliseconds); "actors": an actor pool that loads them once per
+    # actor but starts fresh processes every run (seconds: a process, torch's import, the models).
     compute: Literal["tasks", "actors"] = "tasks"
     actors: int | None = Field(None, ge=1)  # actor pool size (compute=actors); None: one per CPU (max 8)
     score_batch_size: int = Field(512, gt=0)  # rows per forward pass (an actor call; a task takes 1–8)

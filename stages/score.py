@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Config, ScoreConfig
+from pipeline.runtime import cluster_cpus
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +392,7 @@ def score_batch(batch: dict[str, np.ndarray], batch_size: int, **models: Any) ->
 
 def scoring_actors(config: ScoreConfig, rows: int) -> int:
     """Actor pool size: `score.actors`, else one per cluster CPU (at most 8), never more than batches."""
-    size = config.actors or max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
+    size = config.actors or max(1, min(8, int(cluster_cpus())))
     return max(1, min(size, math.ceil(rows / config.score_batch_size)))
 
 
@@ -404,8 +405,7 @@ def rows_per_block(config: ScoreConfig, rows: int) -> int:
     """
     if config.compute == "actors":
         return config.score_batch_size
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    batches = rows // (config.score_batch_size * 4 * cpus)
+    batches = rows // (config.score_batch_size * 4 * max(1, int(cluster_cpus())))
     return config.score_batch_size * max(1, min(8, batches))
 
 
@@ -424,7 +424,6 @@ def score_rows(
     """
     if len(rows) == 0:
         return {"row": np.zeros(0, dtype=np.int64)}
-    size = scoring_actors(config, len(rows))
     # The blocks are made on the driver: no upstream Ray Data task has to compete with the scorers for
     # CPUs (a repartition here deadlocked once an actor pool held every CPU), and each block is one call
     # (`batch_size=None`), not a batch spliced from two blocks.
@@ -445,9 +444,8 @@ def score_rows(
     }
     common: dict[str, Any] = {"batch_size": None, "batch_format": "numpy", "num_cpus": 1}
     if config.compute == "actors":
-        scored = ds.map_batches(
-            ScoreModels, fn_constructor_kwargs=models, compute=ray.data.ActorPoolStrategy(size=size), **common
-        )
+        pool = ray.data.ActorPoolStrategy(size=scoring_actors(config, len(rows)))
+        scored = ds.map_batches(ScoreModels, fn_constructor_kwargs=models, compute=pool, **common)
     else:
         models["batch_size"] = config.score_batch_size
         scored = ds.map_batches(score_batch, fn_kwargs=models, **common)

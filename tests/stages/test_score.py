@@ -28,6 +28,7 @@ from stages.score import (
     el2n,
     grand_full,
     grand_last_layer,
+    rows_per_block,
     score_decoded,
     score_rows,
     to_input,
@@ -82,13 +83,16 @@ def test_score_rows_match_one_process(ray_cluster: None, compute: str) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(300, 16, 16, 3), dtype=np.uint8)
     labels = rng.integers(0, 4, size=300)
-    config = ScoreConfig(num_models=2, compute=compute, score_batch_size=64, actors=2)
+    # 8-row batches: a task's block then holds several batches (250 rows, 2 CPUs → 3 per block).
+    config = ScoreConfig(num_models=2, compute=compute, score_batch_size=8, actors=2)
     spec = ProxySpec.from_config(config, 4)
     states = []
     for seed in range(2):
         torch.manual_seed(seed)
         states.append(build_proxy(spec.model, 4).state_dict())
     rows = rng.permutation(300)[:250]  # a subset, out of order
+    per_block = rows_per_block(config, len(rows))
+    assert per_block == (8 if compute == "actors" else 24), per_block
     got = score_rows(rows, images, labels, states, spec, config, embed=True)
     want = ScoreModels(states, spec, images, labels, embed=True)({"row": rows})
     assert got.keys() == want.keys()
