@@ -22,7 +22,9 @@ repeat twice), and the median of the repeats is reported. The first batch is als
 (`_first_batch_s`) and the rate after it reported as `_steady_images_per_s`: on a 2,000-image pass the
 start-up of either pipeline is a large share of the whole. The `_3_epochs` rows read the local files three
 times as a training job does: maskdiet as one stream (pretraining streams all its epochs in one execution),
-the DataLoader reshuffling each epoch with persistent workers (its best case).
+also with its decoded cache on (`_cached`: what pretraining does when the decoded set fits
+`pretrain.cache_decoded_mib`; every other row streams from storage), the DataLoader reshuffling each epoch
+with persistent workers (its best case).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def make_config(input_url: str) -> Config:
             f"data.read_batch_size={BATCH}",
             "pretrain.augment=false",  # the baseline does no augmentation either
             "score.method=none",
+            "pretrain.cache_decoded_mib=0",  # stream from storage; the cached rows turn it on
         ]
     )
 
@@ -247,22 +250,31 @@ def compare(
 
 
 def compare_epochs(config: Config, listing: ImageListing, cores: int, repeats: int, epochs: int) -> list[Row]:
-    """`epochs` passes as a training job reads them: one maskdiet stream (its start-up paid once) vs a
-    DataLoader with persistent workers, alternating; median rates over all the images delivered."""
+    """`epochs` passes as a training job reads them: one maskdiet stream (its start-up paid once), the same
+    with the decoded cache (`pretrain.cache_decoded_mib`: one read and decode, then every epoch from the
+    object store), and a DataLoader with persistent workers, alternating; median rates over all the images
+    delivered."""
     n = len(listing) * epochs
+    cached = config.model_copy(deep=True)
+    cached.pretrain.cache_decoded_mib = 512
     ours: list[Pass] = []
+    ours_cached: list[Pass] = []
     theirs: list[Pass] = []
     for _ in range(repeats):
         ours.append(consume(maskdiet_batches(config, listing, epochs), n))
+        ours_cached.append(consume(maskdiet_batches(cached, listing, epochs), n))
         theirs.append(consume(dataloader_batches(config, listing, cores, epochs), n))
-    log.info("%d epochs: maskdiet %s, DataLoader %s", epochs, ours, theirs)
+    log.info("%d epochs: maskdiet %s, cached %s, DataLoader %s", epochs, ours, ours_cached, theirs)
     ours_rate = n / float(np.median([p.total_s for p in ours]))
+    cached_rate = n / float(np.median([p.total_s for p in ours_cached]))
     theirs_rate = n / float(np.median([p.total_s for p in theirs]))
     prefix = f"ingest_local_{epochs}_epochs"
     return [
         (f"{prefix}_maskdiet_images_per_s", ours_rate),
+        (f"{prefix}_maskdiet_cached_images_per_s", cached_rate),
         (f"{prefix}_dataloader_images_per_s", theirs_rate),
         (f"{prefix}_ratio_vs_dataloader", ratio(ours_rate, theirs_rate)),
+        (f"{prefix}_cached_ratio_vs_dataloader", ratio(cached_rate, theirs_rate)),
     ]
 
 

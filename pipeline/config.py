@@ -136,6 +136,9 @@ class PretrainConfig(_Section):
     val_mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)  # fixed random mask (fixed seed) for val_loss
     crop_scale_min: float = Field(0.2, gt=0.0, le=1.0)  # random resized crop: smallest area share (MAE: 0.2)
     hflip: float = Field(0.5, ge=0.0, le=1.0)  # probability of a horizontal flip
+    # Training images that fit this budget decoded (N × S × S × 3 bytes at the model's input side S) are read
+    # and decoded once and kept in Ray's object store; 0: read and decode them from storage every epoch.
+    cache_decoded_mib: int = Field(512, ge=0)
 
 
 class EvaluateConfig(_Section):

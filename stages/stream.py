@@ -11,6 +11,12 @@ The dataset covers `epochs` passes over the training images, each in its own see
 from the seed and the paths in each batch: the same seed and data give the same crops (Ray Data's batch
 partition is fixed by the listing), a new epoch order gives new ones.
 
+Small training sets are decoded once (`pretrain.cache_decoded_mib`): when the decoded images fit that budget
+at the model's input size, one Ray Data pass reads and decodes them into an array in Ray's object store, and
+every epoch then takes its rows from there instead of reading storage again. The epoch orders and the
+images are the same as when streaming from storage; the crops come from the same seed, but as a batch's
+crops depend on the paths in it, they match only where both cut the epochs into the same batches.
+
 The validation set is `val_images` kept rows chosen by a seeded hash of their path (stable as the manifest
 grows), excluded from training, decoded without augmentation.
 """
@@ -20,17 +26,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import ray
 import ray.data
 from PIL import Image
 
 from pipeline.config import Config
 from stages.decode import BadImage, DecodeOptions, DecodeStage, decode_image
 from stages.manifest import read_table
-from stages.read import ImageListing, read_images
+from stages.read import ChainStages, ImageListing, frame_blocks, read_images
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +66,23 @@ def split_validation(frame: pd.DataFrame, count: int, seed: int) -> tuple[pd.Dat
     return frame[~chosen].reset_index(drop=True), frame[chosen].reset_index(drop=True)
 
 
+def epoch_order(count: int, epochs: int, seed: int) -> np.ndarray:
+    """Row indices for `epochs` passes over `count` rows, each pass in its own seeded permutation."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(count) for _ in range(epochs)])
+
+
 def epoch_listing(frame: pd.DataFrame, epochs: int, seed: int) -> ImageListing:
     """`epochs` copies of the rows, each in its own seeded permutation, as one listing."""
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(frame)) for _ in range(epochs)])
-    rows = frame.iloc[order]
+    return listing_of(frame.iloc[epoch_order(len(frame), epochs, seed)])
+
+
+def listing_of(rows: pd.DataFrame) -> ImageListing:
+    """Manifest rows (path, optional label and class_name) as a listing, in their order; no label is -1."""
     labels = rows["label"].fillna(-1).astype(np.int64).tolist() if "label" in rows else [-1] * len(rows)
     names = rows["class_name"].fillna("").astype(str).tolist() if "class_name" in rows else [""] * len(rows)
     return ImageListing(
-        root=str(frame["path"].iloc[0]),
+        root=str(rows["path"].iloc[0]),
         paths=rows["path"].astype(str).tolist(),
         labels=labels,
         class_names=names,
@@ -144,18 +160,116 @@ def epochs_needed(num_images: int, steps: int, global_batch: int) -> int:
 
 
 def training_dataset(frame: pd.DataFrame, config: Config, epochs: int, seed: int) -> ray.data.Dataset:
-    """The lazy, streamed training dataset over `frame`'s rows for `epochs` passes (see module docs)."""
-    listing = epoch_listing(frame, epochs, seed)
-    data = config.data.model_copy(update={"input": listing.root})
+    """The lazy training dataset over `frame`'s rows for `epochs` passes: streamed from storage, or taken
+    from a decoded cache when the images fit `pretrain.cache_decoded_mib` (see module docs)."""
     size = image_size(config)
-    decode_options = DecodeOptions.from_config(config.decode.model_copy(update={"image_size": size}))
     pretrain = config.pretrain
     augment = AugmentStage(size, seed, pretrain.augment, pretrain.crop_scale_min, pretrain.hflip)
-    dataset = read_images(listing, data, then=[DecodeStage(decode_options), augment])
+    cache = decode_cache(frame, config) if fits_cache(len(frame), config) else None
+    if cache is None:
+        listing = epoch_listing(frame, epochs, seed)
+        data = config.data.model_copy(update={"input": listing.root})
+        dataset = read_images(listing, data, then=[DecodeStage(_decode_options(config)), augment])
+    else:
+        # One task per epoch that hands over each batch as its own block. Taking cached rows is so quick
+        # that short tasks would all be done while the trainer still holds their output, and Ray Data 2.60's
+        # scheduler then polls without pause (measured: a core busy in the SplitCoordinator, training at a
+        # third of its speed); a long task paused by backpressure keeps it waiting instead.
+        rows = cache.frame.iloc[epoch_order(len(cache.frame), epochs, seed)]
+        dataset = ray.data.from_blocks(frame_blocks(rows, len(cache.frame))).map_batches(
+            ChainStages(CachedImages(cache.images), augment),
+            batch_size=config.data.read_batch_size,
+            batch_format="numpy",
+        )
+        dataset.context.target_max_block_size = config.data.read_batch_size * size * size * 3
     # One fused operator: Ray Data's per-operator reservation would hold it to half the CPUs it may use
     # (measured: 2,000 JPEGs on 2 CPUs ran one task at a time, 1.4 s a pass; without it 0.8 s).
     dataset.context.op_resource_reservation_enabled = False
     return dataset
+
+
+def _decode_options(config: Config) -> DecodeOptions:
+    return DecodeOptions.from_config(config.decode.model_copy(update={"image_size": image_size(config)}))
+
+
+# ------------------------------------------------------------------------------------------ decoded cache
+
+CACHE_ROW = "cache_row"  # column: the row of the cached array that holds this path's image
+
+
+@dataclass(frozen=True)
+class DecodedCache:
+    """Training images decoded once: `images` is an object-store ref to an (N, S, S, 3) uint8 array whose
+    row i is the image of `frame` row i (columns path, label, CACHE_ROW == i); rows that did not decode are
+    left out."""
+
+    images: ray.ObjectRef
+    frame: pd.DataFrame
+
+
+def fits_cache(count: int, config: Config) -> bool:
+    """Whether `count` decoded images at the model's input size fit `pretrain.cache_decoded_mib`."""
+    size = image_size(config)
+    return 0 < count * size * size * 3 <= config.pretrain.cache_decoded_mib * 2**20
+
+
+def decode_cache(frame: pd.DataFrame, config: Config) -> DecodedCache:
+    """Read and decode `frame`'s images once with Ray Data (no augmentation) and put them in the object
+    store. Images that no longer decode are left out with a warning, as the stream would drop them."""
+    listing = listing_of(frame)
+    data = config.data.model_copy(update={"input": listing.root})
+    dataset = read_images(listing, data, then=[DecodeStage(_decode_options(config))])
+    dataset.context.op_resource_reservation_enabled = False
+    size = image_size(config)
+    index = {path: i for i, path in enumerate(listing.paths)}
+    images = np.zeros((len(listing), size, size, 3), dtype=np.uint8)
+    ok = np.zeros(len(listing), dtype=bool)
+    reasons: dict[str, str] = {}
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for path, image, good, reason in zip(
+            batch["path"], batch["image"], batch["ok"], batch["reason"], strict=True
+        ):
+            i = index[str(path)]
+            images[i], ok[i] = image, bool(good)
+            if not good:
+                reasons[str(path)] = str(reason)
+    if reasons:
+        path, reason = next(iter(reasons.items()))
+        log.warning(
+            "%d training image(s) no longer decode and are left out, e.g. %s (%s)", len(reasons), path, reason
+        )
+    kept = pd.DataFrame(
+        {
+            "path": np.asarray(listing.paths, dtype=object)[ok],
+            "label": np.asarray(listing.labels, dtype=np.int64)[ok],
+            CACHE_ROW: np.arange(int(ok.sum()), dtype=np.int64),
+        }
+    )
+    if not ok.all():
+        images = images[ok]  # the one copy, only when some were left out
+    log.info(
+        "decoded %d training images once (%.1f MiB in Ray's object store)", len(kept), images.nbytes / 2**20
+    )
+    return DecodedCache(images=ray.put(images), frame=kept)
+
+
+class CachedImages:
+    """`map_batches` callable: the cached image of each row (`CACHE_ROW`), in the columns the decode stage
+    gives (`image`, `ok`), so the training-image stage after it works as on a streamed batch."""
+
+    name = "cached"
+    requires = (CACHE_ROW,)
+    produces = ("image", "ok")
+
+    def __init__(self, images: ray.ObjectRef) -> None:
+        self.images = images
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images = ray.get(self.images)  # on the same node: a read-only view of the shared array, no copy
+        rows = np.asarray(batch[CACHE_ROW], dtype=np.int64)
+        batch["image"] = images[rows]
+        batch["ok"] = np.ones(len(rows), dtype=bool)
+        return batch
 
 
 def load_images(paths: list[str], config: Config, size: int | None = None, threads: int = 8) -> np.ndarray:
