@@ -32,7 +32,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,7 +144,14 @@ def build_trainer(
     Checkpoints go to `<output>/checkpoints/<run_name>` (a rerun with the same name resumes); `callbacks`
     (e.g. Tune's `TuneReportCallback`) are appended to `RunConfig.callbacks`.
     """
-    from stages.stream import epochs_needed, load_kept, split_validation, training_dataset
+    from stages.stream import (
+        decode_cache,
+        epochs_needed,
+        fits_cache,
+        load_kept,
+        split_validation,
+        training_dataset,
+    )
 
     pre = config.pretrain
     so = config.data.storage_options
@@ -158,15 +165,18 @@ def build_trainer(
         )
     global_batch = pre.batch_size * pre.num_workers
     epochs = epochs_needed(len(train), pre.steps, global_batch)
-    dataset = training_dataset(train, config, epochs, pre.seed)
+    # A small set is decoded once and read by the workers from the object store; a large one streams.
+    cache = decode_cache(train, config) if fits_cache(len(train), config) else None
+    datasets = {"train": training_dataset(train, config, epochs, pre.seed)} if cache is None else {}
     val_ref = ray.put(_validation_images(config, val["path"].astype(str).tolist()))
     resources = worker_resources(config)
     log.info(
-        "pretrain %s: %d train / %d val images, %d epochs streamed, %d workers × %s, global batch %d, lr %.2e",
+        "pretrain %s: %d train / %d val images, %d epochs %s, %d workers × %s, global batch %d, lr %.2e",
         pre.model,
         len(train),
         len(val),
         epochs,
+        "streamed from storage" if cache is None else "from the decoded cache",
         pre.num_workers,
         resources,
         global_batch,
@@ -177,6 +187,8 @@ def build_trainer(
         "config": config.model_dump(mode="json"),
         "output": output,
         "val": val_ref,
+        "cache": cache,
+        "epochs": epochs,
         "num_train": len(train),
         "threads": torch_threads(config, resources),
     }
@@ -195,7 +207,7 @@ def build_trainer(
             callbacks=list(callbacks or []),
             logging_config=LoggingConfig(log_level=config.ray.train_log_level),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
 
 
@@ -424,7 +436,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     validate = _Validator(
         ray.get(loop_config["val"]), pre.val_mask_ratio, pre.seed + 4242, pre.batch_size, device
     )
-    shard = ray.train.get_dataset_shard("train")
+    if loop_config["cache"] is None:
+        shard = ray.train.get_dataset_shard("train")
+
+        def batches() -> Iterator[dict[str, Any]]:
+            return shard.iter_torch_batches(batch_size=pre.batch_size, drop_last=True)
+    else:
+        from stages.stream import cached_batches
+
+        def batches() -> Iterator[dict[str, Any]]:
+            return cached_batches(loop_config["cache"], config, loop_config["epochs"], pre.seed, rank, world)
+
     metrics_url = join(output, METRICS_NAME)
 
     interval_loss, interval_recon, interval_n = 0.0, 0.0, 0
@@ -432,11 +454,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     first_step_of_run, reported = True, False
     latest: dict[str, Any] = history[-1] if history else {}
     while step < pre.steps:
-        batches = 0
+        done = 0
         last = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=pre.batch_size, drop_last=True):
-            batches += 1
-            imgs = normalize_images(batch["image"].to(device))
+        for batch in batches():
+            done += 1
+            imgs = normalize_images(torch.as_tensor(batch["image"]).to(device))
             ratio = mask_ratio_at(pre.mask, step, pre.steps)
             predicted = raw.predict_patch_loss(imgs) if masker.needs_prediction else None
             noise = masker(imgs.shape[0], ratio, step / max(pre.steps - 1, 1), predicted).to(device)
@@ -496,7 +518,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 _report(raw, optimizer, step, config, history, latest, validate, rank, save, metrics_url, so)
             if step >= pre.steps:
                 break
-        if batches == 0:
+        if done == 0:
             raise RuntimeError(
                 f"the training data gave no batch of {pre.batch_size} per worker: lower pretrain.batch_size"
             )

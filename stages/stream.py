@@ -12,10 +12,9 @@ from the seed and the paths in each batch: the same seed and data give the same 
 partition is fixed by the listing), a new epoch order gives new ones.
 
 Small training sets are decoded once (`pretrain.cache_decoded_mib`): when the decoded images fit that budget
-at the model's input size, one Ray Data pass reads and decodes them into an array in Ray's object store, and
-every epoch then takes its rows from there instead of reading storage again. The epoch orders and the
-images are the same as when streaming from storage; the crops come from the same seed, but as a batch's
-crops depend on the paths in it, they match only where both cut the epochs into the same batches.
+at the model's input size, one Ray Data pass reads and decodes them into an array in Ray's object store
+(`decode_cache`), and each Train worker then takes its batches from there (`cached_batches`) instead of
+reading storage every epoch: the same epoch orders, images and kind of crops, from the same seed.
 
 The validation set is `val_images` kept rows chosen by a seeded hash of their path (stable as the manifest
 grows), excluded from training, decoded without augmentation.
@@ -26,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from PIL import Image
 from pipeline.config import Config
 from stages.decode import BadImage, DecodeOptions, DecodeStage, decode_image
 from stages.manifest import read_table
-from stages.read import ChainStages, ImageListing, frame_blocks, read_images
+from stages.read import ImageListing, read_images
 
 log = logging.getLogger(__name__)
 
@@ -160,32 +161,21 @@ def epochs_needed(num_images: int, steps: int, global_batch: int) -> int:
 
 
 def training_dataset(frame: pd.DataFrame, config: Config, epochs: int, seed: int) -> ray.data.Dataset:
-    """The lazy training dataset over `frame`'s rows for `epochs` passes: streamed from storage, or taken
-    from a decoded cache when the images fit `pretrain.cache_decoded_mib` (see module docs)."""
-    size = image_size(config)
-    pretrain = config.pretrain
-    augment = AugmentStage(size, seed, pretrain.augment, pretrain.crop_scale_min, pretrain.hflip)
-    cache = decode_cache(frame, config) if fits_cache(len(frame), config) else None
-    if cache is None:
-        listing = epoch_listing(frame, epochs, seed)
-        data = config.data.model_copy(update={"input": listing.root})
-        dataset = read_images(listing, data, then=[DecodeStage(_decode_options(config)), augment])
-    else:
-        # One task per epoch that hands over each batch as its own block. Taking cached rows is so quick
-        # that short tasks would all be done while the trainer still holds their output, and Ray Data 2.60's
-        # scheduler then polls without pause (measured: a core busy in the SplitCoordinator, training at a
-        # third of its speed); a long task paused by backpressure keeps it waiting instead.
-        rows = cache.frame.iloc[epoch_order(len(cache.frame), epochs, seed)]
-        dataset = ray.data.from_blocks(frame_blocks(rows, len(cache.frame))).map_batches(
-            ChainStages(CachedImages(cache.images), augment),
-            batch_size=config.data.read_batch_size,
-            batch_format="numpy",
-        )
-        dataset.context.target_max_block_size = config.data.read_batch_size * size * size * 3
+    """The lazy, streamed training dataset over `frame`'s rows for `epochs` passes (see module docs)."""
+    listing = epoch_listing(frame, epochs, seed)
+    data = config.data.model_copy(update={"input": listing.root})
+    dataset = read_images(
+        listing, data, then=[DecodeStage(_decode_options(config)), augment_stage(config, seed)]
+    )
     # One fused operator: Ray Data's per-operator reservation would hold it to half the CPUs it may use
     # (measured: 2,000 JPEGs on 2 CPUs ran one task at a time, 1.4 s a pass; without it 0.8 s).
     dataset.context.op_resource_reservation_enabled = False
     return dataset
+
+
+def augment_stage(config: Config, seed: int) -> AugmentStage:
+    pretrain = config.pretrain
+    return AugmentStage(image_size(config), seed, pretrain.augment, pretrain.crop_scale_min, pretrain.hflip)
 
 
 def _decode_options(config: Config) -> DecodeOptions:
@@ -253,23 +243,38 @@ def decode_cache(frame: pd.DataFrame, config: Config) -> DecodedCache:
     return DecodedCache(images=ray.put(images), frame=kept)
 
 
-class CachedImages:
-    """`map_batches` callable: the cached image of each row (`CACHE_ROW`), in the columns the decode stage
-    gives (`image`, `ok`), so the training-image stage after it works as on a streamed batch."""
+def cached_batches(
+    cache: DecodedCache, config: Config, epochs: int, seed: int, rank: int = 0, world: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
+    """Training worker `rank`'s batches (`pretrain.batch_size` rows: `image`, `label`) from the decoded cache:
+    `epochs` passes in seeded orders, each global batch of batch_size × world rows split by rank (the tail
+    that fills no global batch is dropped), augmented by the stream's training-image stage. A thread
+    prepares the next batch while the caller trains on this one.
 
-    name = "cached"
-    requires = (CACHE_ROW,)
-    produces = ("image", "ok")
+    The workers take the rows straight from the shared array: with nothing to read or decode, a Ray Data
+    pipeline would only add its scheduler, which in Ray 2.60 polls without pause while quick tasks wait on
+    a slower trainer (measured: a core busy, training on 2 cores at a third of its speed)."""
+    images = ray.get(cache.images)  # on the same node: a read-only view of the shared array, no copy
+    paths = cache.frame["path"].to_numpy()
+    labels = cache.frame["label"].to_numpy(dtype=np.int64)
+    order = epoch_order(len(cache.frame), epochs, seed)
+    augment = augment_stage(config, seed)
+    size, stride = config.pretrain.batch_size, config.pretrain.batch_size * world
+    count = len(order) // stride
 
-    def __init__(self, images: ray.ObjectRef) -> None:
-        self.images = images
+    def batch(k: int) -> dict[str, np.ndarray]:
+        rows = order[k * stride + rank * size : k * stride + (rank + 1) * size]
+        ok = np.ones(len(rows), dtype=bool)
+        return augment({"path": paths[rows], "image": images[rows], "ok": ok, "label": labels[rows]})
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        images = ray.get(self.images)  # on the same node: a read-only view of the shared array, no copy
-        rows = np.asarray(batch[CACHE_ROW], dtype=np.int64)
-        batch["image"] = images[rows]
-        batch["ok"] = np.ones(len(rows), dtype=bool)
-        return batch
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(batch, 0) if count else None
+        for k in range(count):
+            assert pending is not None
+            ready = pending.result()
+            if k + 1 < count:
+                pending = pool.submit(batch, k + 1)
+            yield ready
 
 
 def load_images(paths: list[str], config: Config, size: int | None = None, threads: int = 8) -> np.ndarray:

@@ -68,14 +68,12 @@ def test_manifest_streams_augmented_images_from_s3(ray_cluster, s3_manifest) -> 
     assert len(set(again) & plain_digests) < len(again) // 2
 
 
-def _ordered_digests(ds) -> list[tuple[str, int]]:
-    out = []
-    for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
-        out += [
-            (hashlib.sha256(img.tobytes()).hexdigest(), int(y))
-            for img, y in zip(*batch.values(), strict=True)
-        ]
-    return sorted(out)
+def _digest_pairs(batches) -> list[tuple[str, int]]:
+    return [
+        (hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest(), int(y))
+        for b in batches
+        for img, y in zip(np.asarray(b["image"]), np.asarray(b["label"]), strict=True)
+    ]
 
 
 def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decodes(
@@ -83,24 +81,38 @@ def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decode
 ) -> None:
     import fsspec
 
-    from stages.stream import decode_cache, fits_cache
+    from stages.stream import cached_batches, decode_cache, fits_cache
 
     url, config, _ = s3_manifest
     train, _ = split_validation(load_kept(url), 4, seed=0)
     config.pretrain.augment = False
-    streamed = config.model_copy(deep=True)
-    streamed.pretrain.cache_decoded_mib = 0
-    assert fits_cache(len(train), config) and not fits_cache(len(train), streamed)
-    # The same images and labels, each once per epoch: the cache changes where the pixels come from.
-    from_cache = _ordered_digests(training_dataset(train, config, epochs=2, seed=3))
-    assert from_cache == _ordered_digests(training_dataset(train, streamed, epochs=2, seed=3))
-    assert len(from_cache) == 2 * len(train) and len(set(from_cache)) == len(train)
-    # With augmentation, the cached epochs are as deterministic as the streamed ones.
-    config.pretrain.augment = True
-    crops = _ordered_digests(training_dataset(train, config, epochs=2, seed=3))
-    assert crops == _ordered_digests(training_dataset(train, config, epochs=2, seed=3)) != from_cache
+    config.pretrain.batch_size = 4
+    assert fits_cache(len(train), config)
+    assert not fits_cache(
+        len(train),
+        config.model_copy(update={"pretrain": config.pretrain.model_copy(update={"cache_decoded_mib": 0})}),
+    )
+    cache = decode_cache(train, config)
+    assert len(cache.frame) == len(train)
 
-    # An object overwritten since curation: both paths leave it out, the cache says so once.
+    # The same images and labels as the stream, each once per epoch (the tail short of a batch dropped).
+    streamed = sorted(
+        _digest_pairs(training_dataset(train, config, epochs=2, seed=3).iter_batches(batch_size=8))
+    )
+    one = _digest_pairs(cached_batches(cache, config, epochs=2, seed=3))
+    assert len(one) == (2 * len(train)) // 4 * 4 and set(one) <= set(streamed)
+    assert sorted(one[: len(train)]) == sorted(set(streamed))  # the first epoch: every image once
+    # Two workers split each global batch: disjoint halves, together one worker's sequence of rows.
+    ranks = [_digest_pairs(cached_batches(cache, config, epochs=2, seed=3, rank=r, world=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(one[: 2 * len(ranks[0])])
+    # With augmentation, deterministic for a seed, and not the plain images.
+    config.pretrain.augment = True
+    crops = _digest_pairs(cached_batches(cache, config, epochs=2, seed=3))
+    assert crops == _digest_pairs(cached_batches(cache, config, epochs=2, seed=3)) and not set(crops) & set(
+        one
+    )
+
+    # An object overwritten since curation is left out, with a warning naming it.
     broken = str(train["path"].iloc[0])
     with fsspec.open(broken, "wb") as f:
         f.write(b"not an image any more")
@@ -108,8 +120,6 @@ def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decode
         cache = decode_cache(train, config)
     assert len(cache.frame) == len(train) - 1 and broken not in set(cache.frame["path"])
     assert "1 training image(s) no longer decode" in caplog.text and broken in caplog.text
-    assert len(_ordered_digests(training_dataset(train, config, epochs=1, seed=3))) == len(train) - 1
-    assert len(_ordered_digests(training_dataset(train, streamed, epochs=1, seed=3))) == len(train) - 1
 
 
 def test_validation_split_is_stable_and_seeded() -> None:
