@@ -5,7 +5,9 @@
 
 The driver (`build_trainer`) reads the manifest's kept rows, holds out `pretrain.val_images` of them
 (decoded once, shipped to the workers), and hands the rest to a `TorchTrainer` as a streamed Ray Dataset
-(`stages.stream`). Each worker runs `train_loop`:
+(`stages.stream`), or, when their decoded images fit `pretrain.cache_decoded_mib`, decodes them once into
+the object store for the workers to take their batches from (`stages.stream.cached_batches`). Each worker
+runs `train_loop`:
 
     load checkpoint → while step < steps: train_step → every eval_every: validate, report (+ checkpoint)
 
