@@ -185,6 +185,9 @@ def _decode_options(config: Config) -> DecodeOptions:
 # ------------------------------------------------------------------------------------------ decoded cache
 
 CACHE_ROW = "cache_row"  # column: the row of the cached array that holds this path's image
+# Up to this many images the cache is decoded in the calling process: a Ray Data pass costs seconds of
+# start-up in a fresh process (each Tune trial builds its own cache), more than decoding them here.
+DECODE_HERE_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -204,25 +207,17 @@ def fits_cache(count: int, config: Config) -> bool:
 
 
 def decode_cache(frame: pd.DataFrame, config: Config) -> DecodedCache:
-    """Read and decode `frame`'s images once with Ray Data (no augmentation) and put them in the object
-    store. Images that no longer decode are left out with a warning, as the stream would drop them."""
+    """Read and decode `frame`'s images once (no augmentation) and put them in the object store: up to
+    `DECODE_HERE_MAX` images in this process with I/O threads, more with Ray Data across the cluster. Images
+    that no longer decode are left out with a warning, as the stream would drop them."""
     listing = listing_of(frame)
-    data = config.data.model_copy(update={"input": listing.root})
-    dataset = read_images(listing, data, then=[DecodeStage(_decode_options(config))])
-    dataset.context.op_resource_reservation_enabled = False
-    size = image_size(config)
-    index = {path: i for i, path in enumerate(listing.paths)}
-    images = np.zeros((len(listing), size, size, 3), dtype=np.uint8)
-    ok = np.zeros(len(listing), dtype=bool)
-    reasons: dict[str, str] = {}
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for path, image, good, reason in zip(
-            batch["path"], batch["image"], batch["ok"], batch["reason"], strict=True
-        ):
-            i = index[str(path)]
-            images[i], ok[i] = image, bool(good)
-            if not good:
-                reasons[str(path)] = str(reason)
+    if len(listing) <= DECODE_HERE_MAX:
+        images, failed = decode_here(listing.paths, config)
+        ok = np.ones(len(listing), dtype=bool)
+        ok[list(failed)] = False
+        reasons = {listing.paths[i]: e.reason for i, e in failed.items()}
+    else:
+        images, ok, reasons = _decode_with_ray_data(listing, config)
     if reasons:
         path, reason = next(iter(reasons.items()))
         log.warning(
@@ -241,6 +236,29 @@ def decode_cache(frame: pd.DataFrame, config: Config) -> DecodedCache:
         "decoded %d training images once (%.1f MiB in Ray's object store)", len(kept), images.nbytes / 2**20
     )
     return DecodedCache(images=ray.put(images), frame=kept)
+
+
+def _decode_with_ray_data(
+    listing: ImageListing, config: Config
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """(images in listing order, decoded or not, {path: quarantine reason}) from one Ray Data pass."""
+    data = config.data.model_copy(update={"input": listing.root})
+    dataset = read_images(listing, data, then=[DecodeStage(_decode_options(config))])
+    dataset.context.op_resource_reservation_enabled = False
+    size = image_size(config)
+    index = {path: i for i, path in enumerate(listing.paths)}
+    images = np.zeros((len(listing), size, size, 3), dtype=np.uint8)
+    ok = np.zeros(len(listing), dtype=bool)
+    reasons: dict[str, str] = {}
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for path, image, good, reason in zip(
+            batch["path"], batch["image"], batch["ok"], batch["reason"], strict=True
+        ):
+            i = index[str(path)]
+            images[i], ok[i] = image, bool(good)
+            if not good:
+                reasons[str(path)] = str(reason)
+    return images, ok, reasons
 
 
 def cached_batches(
@@ -280,23 +298,33 @@ def cached_batches(
 def load_images(paths: list[str], config: Config, size: int | None = None, threads: int = 8) -> np.ndarray:
     """Read and decode `paths` in this process with a few I/O threads (no Ray; for small sets such as the
     validation or evaluation images): (N, S, S, 3) uint8. A path that no longer decodes raises `BadImage`."""
-    from concurrent.futures import ThreadPoolExecutor
+    images, failed = decode_here(paths, config, size, threads)
+    if failed:
+        i, error = next(iter(failed.items()))
+        raise BadImage(error.reason, f"{paths[i]}: {error}")
+    return images
 
+
+def decode_here(
+    paths: list[str], config: Config, size: int | None = None, threads: int = 8
+) -> tuple[np.ndarray, dict[int, BadImage]]:
+    """`load_images` that carries on past bad objects: (images, {index: BadImage}); failed rows stay zero."""
     from pipeline.storage import url_to_fs
 
     size = size or image_size(config)
     options = DecodeOptions.from_config(config.decode.model_copy(update={"image_size": size}))
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
+    failed: dict[int, BadImage] = {}
     if not paths:
-        return out
+        return out, failed
     fs, _ = url_to_fs(paths[0], config.data.storage_options)
 
     def one(i: int) -> None:
         try:
             out[i] = decode_image(fs.cat_file(fs._strip_protocol(paths[i])), options)
         except BadImage as e:
-            raise BadImage(e.reason, f"{paths[i]}: {e}") from None
+            failed[i] = e
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(one, range(len(paths))))
-    return out
+    return out, dict(sorted(failed.items()))

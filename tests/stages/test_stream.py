@@ -77,10 +77,12 @@ def _digest_pairs(batches) -> list[tuple[str, int]]:
 
 
 def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decodes(
-    ray_cluster, s3_manifest, caplog
+    ray_cluster, s3_manifest, caplog, monkeypatch
 ) -> None:
     import fsspec
+    import ray
 
+    from stages import stream
     from stages.stream import cached_batches, decode_cache, fits_cache
 
     url, config, _ = s3_manifest
@@ -94,6 +96,11 @@ def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decode
     )
     cache = decode_cache(train, config)
     assert len(cache.frame) == len(train)
+    with monkeypatch.context() as m:  # a set too large to decode in this process: one Ray Data pass
+        m.setattr(stream, "DECODE_HERE_MAX", 0)
+        by_ray_data = decode_cache(train, config)
+    assert by_ray_data.frame.equals(cache.frame)
+    assert np.array_equal(ray.get(by_ray_data.images), ray.get(cache.images))
 
     # The same images and labels as the stream, each once per epoch (the tail short of a batch dropped).
     streamed = sorted(
@@ -116,10 +123,14 @@ def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decode
     broken = str(train["path"].iloc[0])
     with fsspec.open(broken, "wb") as f:
         f.write(b"not an image any more")
-    with caplog.at_level("WARNING", logger="stages.stream"):
-        cache = decode_cache(train, config)
-    assert len(cache.frame) == len(train) - 1 and broken not in set(cache.frame["path"])
-    assert "1 training image(s) no longer decode" in caplog.text and broken in caplog.text
+    for here_max in (stream.DECODE_HERE_MAX, 0):
+        monkeypatch.setattr(stream, "DECODE_HERE_MAX", here_max)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="stages.stream"):
+            cache = decode_cache(train, config)
+        assert len(cache.frame) == len(train) - 1 and broken not in set(cache.frame["path"])
+        assert "1 training image(s) no longer decode" in caplog.text and broken in caplog.text
+        assert "not-an-image" in caplog.text
 
 
 def test_validation_split_is_stable_and_seeded() -> None:
