@@ -241,15 +241,12 @@ def read_images(
         raise StorageError(
             f"no images found under {config.input} (extensions: {', '.join(config.extensions)})"
         )
+    frame, step = listing.frame(), config.task_rows
+    blocks = [
+        pa.Table.from_pandas(frame.iloc[i : i + step], preserve_index=False)
+        for i in range(0, len(frame), step)
+    ]
     stages = ChainStages(ReadBytes(config.storage_options), *then)
-    return ray.data.from_blocks(frame_blocks(listing.frame(), config.task_rows)).map_batches(
+    return ray.data.from_blocks(blocks).map_batches(
         stages, batch_size=config.read_batch_size, batch_format="numpy"
     )
-
-
-def frame_blocks(frame: pd.DataFrame, rows: int) -> list[pa.Table]:
-    """`frame` cut into Arrow blocks of `rows` rows, in order: the input of one Ray Data task each."""
-    return [
-        pa.Table.from_pandas(frame.iloc[i : i + rows], preserve_index=False)
-        for i in range(0, len(frame), rows)
-    ]

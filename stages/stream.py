@@ -178,13 +178,15 @@ def augment_stage(config: Config, seed: int) -> AugmentStage:
     return AugmentStage(image_size(config), seed, pretrain.augment, pretrain.crop_scale_min, pretrain.hflip)
 
 
-def _decode_options(config: Config) -> DecodeOptions:
-    return DecodeOptions.from_config(config.decode.model_copy(update={"image_size": image_size(config)}))
+def _decode_options(config: Config, size: int | None = None) -> DecodeOptions:
+    """`decode` settings at side `size` (default: the model's input side)."""
+    return DecodeOptions.from_config(
+        config.decode.model_copy(update={"image_size": size or image_size(config)})
+    )
 
 
 # ------------------------------------------------------------------------------------------ decoded cache
 
-CACHE_ROW = "cache_row"  # column: the row of the cached array that holds this path's image
 # Up to this many images the cache is decoded in the calling process: a Ray Data pass costs seconds of
 # start-up in a fresh process (each Tune trial builds its own cache), more than decoding them here.
 DECODE_HERE_MAX = 4096
@@ -193,8 +195,7 @@ DECODE_HERE_MAX = 4096
 @dataclass(frozen=True)
 class DecodedCache:
     """Training images decoded once: `images` is an object-store ref to an (N, S, S, 3) uint8 array whose
-    row i is the image of `frame` row i (columns path, label, CACHE_ROW == i); rows that did not decode are
-    left out."""
+    row i is the image of `frame` row i (columns path, label); rows that did not decode are left out."""
 
     images: ray.ObjectRef
     frame: pd.DataFrame
@@ -227,7 +228,6 @@ def decode_cache(frame: pd.DataFrame, config: Config) -> DecodedCache:
         {
             "path": np.asarray(listing.paths, dtype=object)[ok],
             "label": np.asarray(listing.labels, dtype=np.int64)[ok],
-            CACHE_ROW: np.arange(int(ok.sum()), dtype=np.int64),
         }
     )
     if not ok.all():
@@ -312,7 +312,7 @@ def decode_here(
     from pipeline.storage import url_to_fs
 
     size = size or image_size(config)
-    options = DecodeOptions.from_config(config.decode.model_copy(update={"image_size": size}))
+    options = _decode_options(config, size)
     out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     failed: dict[int, BadImage] = {}
     if not paths:
