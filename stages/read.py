@@ -18,6 +18,7 @@ import posixpath
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import ray
 import ray.data
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import DataConfig
 from pipeline.runtime import RETRIED_IO_ERRORS
@@ -167,7 +169,8 @@ class ReadBytes:
     One call fetches a whole batch: `fs.cat` on a list of paths, which s3fs and gcsfs run as concurrent
     requests, so a batch of small objects costs about one round trip instead of one per object. Transient
     object-store errors (`pipeline.runtime.RETRIED_IO_ERRORS`) are retried with backoff; a missing object
-    raises, as the listing promised it.
+    raises, as the listing promised it. Local files are read directly: fsspec's local `cat` costs
+    about twice as much per file (measured: 54 against 30 µs for a 13 KB JPEG, a tenth of its decode).
     """
 
     name = "read"
@@ -185,6 +188,9 @@ class ReadBytes:
             return batch
         fs, _ = url_to_fs(urls[0], self.storage_options)  # fsspec caches the instance per worker
         raw = [fs._strip_protocol(u) for u in urls]
+        if isinstance(fs, LocalFileSystem):
+            batch["bytes"] = np.asarray([Path(r).read_bytes() for r in raw], dtype=object)
+            return batch
         for attempt in range(self.attempts):
             try:
                 found = fs.cat(raw, on_error="raise")
