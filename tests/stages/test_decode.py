@@ -128,3 +128,6 @@ def test_stage_keeps_going_past_bad_rows() -> None:
     assert out["reason"].tolist() == ["ok", "empty", "ok"]
     assert out["image"].shape == (3, 16, 16, 3) and "bytes" not in out
     assert out["sha256"][0] == out["sha256"][2] != out["sha256"][1]
+    unhashed = DecodeStage(OPTIONS, hash_bytes=False)(batch)  # the training stream's decode
+    assert "sha256" not in unhashed and unhashed["ok"].tolist() == out["ok"].tolist()
+    assert np.array_equal(unhashed["image"], out["image"])

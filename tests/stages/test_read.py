@@ -79,3 +79,18 @@ def test_read_then_stages_run_in_one_call(ray_cluster: None, demo_folder: Path) 
     assert sorted(rows.columns) == ["path", "size"] and len(rows) == len(listing)
     for path, size in zip(rows["path"], rows["size"], strict=True):
         assert size == len(Path(path).read_bytes()) + 1
+
+
+def test_read_bytes_gives_each_local_file_and_raises_on_a_missing_one(tmp_path: Path) -> None:
+    """Local files take their own path (no fsspec per-file wrapper): the same bytes, in the same order, and a
+    file deleted since listing is an error, not an empty object."""
+    paths = []
+    for i, content in enumerate([b"first", b"", b"third" * 1000]):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(content)
+        paths.append(str(path))
+    out = ReadBytes({})({"path": np.asarray(paths, dtype=object)})
+    assert out["bytes"].tolist() == [b"first", b"", b"third" * 1000]
+    Path(paths[1]).unlink()
+    with pytest.raises(FileNotFoundError):
+        ReadBytes({})({"path": np.asarray(paths, dtype=object)})
