@@ -253,6 +253,10 @@ def read_images(
         for i in range(0, len(frame), step)
     ]
     stages = ChainStages(ReadBytes(config.storage_options), *then)
-    return ray.data.from_blocks(blocks).map_batches(
+    dataset = ray.data.from_blocks(blocks).map_batches(
         stages, batch_size=config.read_batch_size, batch_format="numpy"
     )
+    # All the work is one fused operator: Ray Data's per-operator reservation would hold it to half the CPUs
+    # it may use (measured: 2,000 JPEGs on 2 CPUs ran one task at a time, 1.4 s a pass; without it 0.8 s).
+    dataset.context.op_resource_reservation_enabled = False
+    return dataset
