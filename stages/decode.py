@@ -192,6 +192,8 @@ class DecodeStage:
     def __init__(self, options: DecodeOptions, hash_bytes: bool = True) -> None:
         self.options = options
         self.hash_bytes = hash_bytes
+        if not hash_bytes:
+            self.produces = tuple(c for c in DecodeStage.produces if c != "sha256")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         size = self.options.image_size

@@ -130,4 +130,5 @@ def test_stage_keeps_going_past_bad_rows() -> None:
     assert out["sha256"][0] == out["sha256"][2] != out["sha256"][1]
     unhashed = DecodeStage(OPTIONS, hash_bytes=False)(batch)  # the training stream's decode
     assert "sha256" not in unhashed and unhashed["ok"].tolist() == out["ok"].tolist()
+    assert set(DecodeStage(OPTIONS, hash_bytes=False).produces) == set(DecodeStage.produces) - {"sha256"}
     assert np.array_equal(unhashed["image"], out["image"])
