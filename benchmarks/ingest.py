@@ -110,9 +110,9 @@ def maskdiet_batches(
 
 
 def cached_batches(config: Config, listing: ImageListing, epochs: int) -> Iterator[dict[str, torch.Tensor]]:
-    """What a Train worker reads when the decoded set fits `pretrain.cache_decoded_mib`: one Ray Data read +
-    decode pass into the object store (`stages.stream.decode_cache`), then every epoch's batches taken from
-    there (`stages.stream.cached_batches`)."""
+    """What a Train worker reads when the decoded set fits `pretrain.cache_decoded_mib`: one read + decode
+    into the object store (`stages.stream.decode_cache`: in this process with I/O threads at this size),
+    then every epoch's batches taken from there (`stages.stream.cached_batches`)."""
     from stages import stream
 
     cache = stream.decode_cache(listing.frame(), config)

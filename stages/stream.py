@@ -12,9 +12,10 @@ from the seed and the paths in each batch: the same seed and data give the same 
 partition is fixed by the listing), a new epoch order gives new ones.
 
 Small training sets are decoded once (`pretrain.cache_decoded_mib`): when the decoded images fit that budget
-at the model's input size, one Ray Data pass reads and decodes them into an array in Ray's object store
-(`decode_cache`), and each Train worker then takes its batches from there (`cached_batches`) instead of
-reading storage every epoch: the same epoch orders, images and kind of crops, from the same seed.
+at the model's input size, they are read and decoded once into an array in Ray's object store
+(`decode_cache`: in the calling process up to `DECODE_HERE_MAX` images, else one Ray Data pass), and each
+Train worker then takes its batches from there (`cached_batches`) instead of reading storage every epoch:
+the same epoch orders, images and kind of crops, from the same seed.
 
 The validation set is `val_images` kept rows chosen by a seeded hash of their path (stable as the manifest
 grows), excluded from training, decoded without augmentation.
