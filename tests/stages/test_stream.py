@@ -131,6 +131,9 @@ def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decode
         assert len(cache.frame) == len(train) - 1 and broken not in set(cache.frame["path"])
         assert "1 training image(s) no longer decode" in caplog.text and broken in caplog.text
         assert "not-an-image" in caplog.text
+    # The stream from storage leaves it out as well.
+    streamed_now = _digest_pairs(training_dataset(train, config, epochs=1, seed=3).iter_batches(batch_size=8))
+    assert len(streamed_now) == len(train) - 1
 
 
 def test_validation_split_is_stable_and_seeded() -> None:
