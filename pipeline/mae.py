@@ -1,4 +1,4 @@
-"""Masked Autoencoder (He et al. 2021) built from timm's ViT pieces.
+"""Masked Autoencoder (He et al. 2021) built from ViT pieces that match timm's (`pipeline.vit`).
 
 The model's `forward` is three named calls, as in facebookresearch/mae:
 
@@ -27,9 +27,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
-from timm.models.vision_transformer import Block
 from torch import nn
+
+from pipeline.vit import LAYER_NORM_EPS, Block, PatchEmbed
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class MaskedAutoencoder(nn.Module):
         self.blocks = nn.ModuleList(
             [Block(d, size.num_heads, size.mlp_ratio, qkv_bias=True) for _ in range(size.depth)]
         )
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         # ---- decoder
         dd = size.decoder_dim
         self.decoder_embed = nn.Linear(d, dd)
@@ -222,7 +222,7 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_blocks = nn.ModuleList(
             [Block(dd, size.decoder_heads, size.mlp_ratio, qkv_bias=True) for _ in range(size.decoder_depth)]
         )
-        self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
+        self.decoder_norm = nn.LayerNorm(dd, eps=LAYER_NORM_EPS)
         self.decoder_pred = nn.Linear(dd, p * p * 3)
         # Hard-patch mining: predicts each patch's reconstruction loss (trained with a ranking objective).
         self.loss_head = nn.Linear(dd, 1) if loss_head else None

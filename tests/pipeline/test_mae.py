@@ -125,3 +125,27 @@ def test_hard_patch_head_trains_with_a_ranking_loss() -> None:
     out.loss.backward()
     assert mae.loss_head.weight.grad is not None and mae.loss_head.weight.grad.abs().sum() > 0
     assert mae.predict_patch_loss(imgs).shape == (4, 64)
+
+
+def test_our_vit_block_computes_what_timm_block_computes() -> None:
+    from functools import partial
+
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    from pipeline.vit import Block
+
+    ours = Block(64, 4, mlp_ratio=4.0).eval()
+    theirs = TimmBlock(64, 4, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    theirs.load_state_dict(ours.state_dict())  # same names and shapes, strict
+    x = torch.randn(3, 17, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs.eval()(x))
+
+
+def test_training_code_does_not_import_timm() -> None:
+    """Every Train worker imports pipeline.train; timm (with torchvision and dynamo) would add seconds."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.train, pipeline.mae; sys.exit('timm' in sys.modules or 'torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
