@@ -10,6 +10,7 @@ is applied first; transparent pixels are composited on `decode.background`; 16-b
 scaled to 8 bits by their own range; animated images use their first frame.
 
 Quarantine reasons:
+- `missing`: listed, but deleted before it was read (`bytes` is None).
 - `empty`: a zero-byte object.
 - `too-large`: over `max_bytes`, or declared dimensions over `max_pixels` (decided from the header, before
   any pixel is decoded, so a decompression bomb costs nothing).
@@ -31,7 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import DecodeConfig
 
-QUARANTINE_REASONS = ("empty", "too-large", "not-an-image", "truncated", "corrupt")
+QUARANTINE_REASONS = ("missing", "empty", "too-large", "not-an-image", "truncated", "corrupt")
 
 
 class BadImage(Exception):
@@ -102,7 +103,7 @@ def _open(data: bytes, options: DecodeOptions) -> Image.Image:
         raise BadImage("too-large", str(e)) from None
     except UnidentifiedImageError:
         raise BadImage(*_unreadable(data, "no image format recognises these bytes")) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except Exception as e:  # OSError, SyntaxError, ... and whatever else a plugin trips on
         raise BadImage(*_unreadable(data, f"{type(e).__name__}: {e}")) from None
     width, height = image.size
     if width <= 0 or height <= 0:
@@ -121,7 +122,9 @@ def _load(image: Image.Image, size: int) -> Image.Image:
         if image.format == "JPEG":
             image.draft(image.mode if image.mode in ("RGB", "L") else None, (size, size))
         image.load()
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except (
+        Exception
+    ) as e:  # OSError, SyntaxError, DecompressionBombError, struct.error from a damaged header ...
         message = f"{type(e).__name__}: {e}"
         lowered = message.lower()
         reason = (
@@ -205,8 +208,10 @@ class DecodeStage:
         for i, blob in enumerate(blobs):
             data = bytes(blob) if blob is not None else b""
             if self.hash_bytes:
-                sha.append(hashlib.sha256(data).hexdigest())
+                sha.append(hashlib.sha256(data).hexdigest() if blob is not None else "")
             try:
+                if blob is None:
+                    raise BadImage("missing", "the object was deleted since it was listed")
                 images[i] = decode_image(data, self.options)
                 ok[i] = True
                 reason.append("ok")

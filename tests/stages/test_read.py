@@ -12,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.curate import curate
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.manifest import read_table
+from stages.decode import DecodeOptions, DecodeStage
 from stages.read import ChainStages, LabelsError, ReadBytes, list_images, read_images
 
 
@@ -61,6 +62,21 @@ def test_labels_table(ray_cluster: None, demo_folder: Path, tmp_path: Path) -> N
         list_images(config.data)
 
 
+def test_labels_table_class_names_index_the_labels(demo_folder: Path, tmp_path: Path) -> None:
+    """`classes[i]` names label i: unlabeled rows (-1) name no class, and one label with two names is an
+    error, not a shifted class list."""
+    listing = list_images(load_config(None, [f"data.input={demo_folder}"]).data)
+    paths = [p.split("/images/")[1] for p in listing.paths[:4]]
+    table = pd.DataFrame({"path": paths, "label": [-1, 0, 1, 1], "class_name": ["?", "cat", "dog", "dog"]})
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    config = load_config(None, [f"data.input={demo_folder}", f"data.labels={tmp_path / 'labels.csv'}"])
+    assert list_images(config.data).classes == ["cat", "dog"]
+    table.loc[3, "class_name"] = "wolf"
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(LabelsError, match="label 1 has 2 class names"):
+        list_images(config.data)
+
+
 def test_read_then_stages_run_in_one_call(ray_cluster: None, demo_folder: Path) -> None:
     """`read_images(..., then=...)` hands each read batch to the next stages as numpy, in the same call."""
     config = load_config(None, [f"data.input={demo_folder}", "data.read_batch_size=16"])
@@ -81,9 +97,10 @@ def test_read_then_stages_run_in_one_call(ray_cluster: None, demo_folder: Path) 
         assert size == len(Path(path).read_bytes()) + 1
 
 
-def test_read_bytes_gives_each_local_file_and_raises_on_a_missing_one(tmp_path: Path) -> None:
-    """Local files take their own path (no fsspec per-file wrapper): the same bytes, in the same order, and a
-    file deleted since listing is an error, not an empty object."""
+def test_read_bytes_gives_each_local_file_and_none_for_a_missing_one(tmp_path: Path) -> None:
+    """Local files take their own path (no fsspec per-file wrapper): the same bytes, in the same order. A file
+    deleted since listing comes back as None (decode quarantines it as `missing`), not as an empty object
+    and not as an error that would end the run."""
     paths = []
     for i, content in enumerate([b"first", b"", b"third" * 1000]):
         path = tmp_path / f"{i}.png"
@@ -92,5 +109,21 @@ def test_read_bytes_gives_each_local_file_and_raises_on_a_missing_one(tmp_path: 
     out = ReadBytes({})({"path": np.asarray(paths, dtype=object)})
     assert out["bytes"].tolist() == [b"first", b"", b"third" * 1000]
     Path(paths[1]).unlink()
-    with pytest.raises(FileNotFoundError):
-        ReadBytes({})({"path": np.asarray(paths, dtype=object)})
+    out = ReadBytes({})({"path": np.asarray(paths, dtype=object)})
+    assert out["bytes"].tolist() == [b"first", None, b"third" * 1000]
+    decoded = DecodeStage(DecodeOptions.from_config(load_config().decode))(out)
+    assert decoded["reason"].tolist() == ["not-an-image", "missing", "not-an-image"]
+    assert "deleted since" in decoded["error"][1]
+
+
+def test_read_bytes_takes_s3_names_with_glob_characters_literally(s3_bucket: str) -> None:
+    """`[`, `*` and `?` are legal in object names; a batch read must not treat them as patterns."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    names = ["plain.png", "img[1].png", "star*.png", "what?.png", "img1.png"]
+    for i, name in enumerate(names):
+        fs.pipe_file(f"{s3_bucket}/odd/{name}", f"content {i}".encode())
+    urls = [f"{s3_bucket}/odd/{name}" for name in names] + [f"{s3_bucket}/odd/gone[2].png"]
+    out = ReadBytes({})({"path": np.asarray(urls, dtype=object)})
+    assert out["bytes"].tolist() == [f"content {i}".encode() for i in range(len(names))] + [None]
