@@ -235,6 +235,7 @@ def pretrain(
 ) -> None:
     """Pretrain a masked autoencoder on the manifest's kept images with Ray Train (streamed from storage);
     write OUTPUT/encoder.pth (timm ViT keys), OUTPUT/metrics.jsonl and OUTPUT/checkpoints/."""
+    from pipeline.mae import size_of
     from pipeline.runtime import ray_session
     from pipeline.storage import check_readable
     from pipeline.train import pretrain as run_pretrain
@@ -242,6 +243,7 @@ def pretrain(
     setup_logging(verbose)
     with user_errors():
         cfg = make_config(config, set_, output=output, pretrain__steps=steps, pretrain__num_workers=workers)
+        size_of(cfg)  # before Ray starts
         check_readable(manifest, cfg.data.storage_options)
         with ray_session(cfg.ray), progress_display() as progress:
             result = run_pretrain(cfg, manifest, cfg.output, run_name=run_name, progress=progress)  # type: ignore[arg-type]
@@ -387,6 +389,9 @@ def run(
         cfg = load_config(path, set_ or [], base=base)
         if not cfg.data.input:
             raise ConfigError("no input: set data.input in the config (an image folder URL)")
+        from pipeline.mae import size_of
+
+        size_of(cfg)  # before any image is read: the model settings would fail only at pretraining
         if demo:
             _ensure_demo_data(cfg.data.input, cfg.data.storage_options)
         with ray_session(cfg.ray), progress_display() as progress:

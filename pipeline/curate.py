@@ -32,6 +32,10 @@ class StageChainError(ValueError):
     """A stage needs a column that no earlier stage makes."""
 
 
+class NothingDecoded(ValueError):
+    """Every listed object was quarantined: there is nothing to score, prune or train on."""
+
+
 def check_stages(stages: list[object], initial: tuple[str, ...]) -> None:
     """Fail before the run when a stage needs a column no earlier stage produces (NeMo Curator style)."""
     available = set(initial)
@@ -127,7 +131,7 @@ def curate(config: Config, progress: Progress | None = None, output: str | None 
     score_counts: dict[str, int] = {}
     decoded = decode_listing(listing, config, keep_images=scoring, progress=progress)
     frame = decoded.frame.copy()
-    if scoring:
+    if scoring and len(frame):
         from stages.prune import prune
         from stages.score import score_decoded
 
@@ -151,6 +155,12 @@ def curate(config: Config, progress: Progress | None = None, output: str | None 
     )
     counts.update(score_counts)  # scored = cache misses scored this run, cached = cache hits
     seconds = time.perf_counter() - start
+    if frame.empty:  # both files are written (one run's pair); the quarantine says why each file failed
+        reasons = ", ".join(f"{r} {n}" for r, n in Counter(decoded.quarantine["reason"]).most_common())
+        raise NothingDecoded(
+            f"none of the {len(listing)} objects under {config.data.input} decoded ({reasons}); "
+            f"each file's reason is in {quarantine_url}"
+        )
     log.info("curated %d objects in %.1f s", len(listing), seconds)
     return CurateResult(
         run_id=run_id,

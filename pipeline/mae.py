@@ -111,10 +111,30 @@ def get_size(
         changes["decoder_depth"] = decoder_depth
     size = replace(size, **changes)
     if size.img_size % size.patch_size:
-        raise ValueError(f"image size {size.img_size} is not a multiple of patch size {size.patch_size}")
+        raise ValueError(
+            f"image size {size.img_size} (pretrain.image_size, else decode.image_size) is not a multiple of "
+            f"patch size {size.patch_size} ({size.timm_name})"
+        )
     if size.decoder_dim % size.decoder_heads:
         raise ValueError(f"decoder_dim {size.decoder_dim} must be a multiple of {size.decoder_heads} heads")
+    if size.decoder_dim % 4:
+        raise ValueError(
+            f"decoder_dim {size.decoder_dim} must be a multiple of 4 (2-D sin-cos position table)"
+        )
     return size
+
+
+def size_of(config: Any) -> MAESize:
+    """The MAE size a `Config` asks for (`pretrain.model` at the model's input side, with its decoder
+    overrides), checked: an unknown name or a shape that cannot work is a ValueError naming the key. The
+    commands call it before any work, since the Train workers would otherwise be the first to find out."""
+    pre = config.pretrain
+    return get_size(
+        pre.model,
+        img_size=pre.image_size or config.decode.image_size,
+        decoder_dim=pre.decoder_dim,
+        decoder_depth=pre.decoder_depth,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -53,7 +53,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config
-from pipeline.mae import MaskedAutoencoder, build_mae, encoder_bytes, normalize_images
+from pipeline.mae import MaskedAutoencoder, build_mae, encoder_bytes, normalize_images, size_of
 from pipeline.masking import Masker, lr_at, mask_ratio_at
 from pipeline.storage import atomic_write_bytes, is_local, join, pyarrow_filesystem, url_to_fs
 
@@ -155,6 +155,7 @@ def build_trainer(
         training_dataset,
     )
 
+    size_of(config)  # a bad model setting fails here, not in every worker
     pre = config.pretrain
     so = config.data.storage_options
     kept = load_kept(manifest_url, so)

@@ -45,7 +45,7 @@ QUARANTINE_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
         ("sha256", pa.string()),
-        ("reason", pa.string()),  # empty | not-an-image | truncated | too-large | corrupt
+        ("reason", pa.string()),  # missing | empty | not-an-image | truncated | too-large | corrupt
         ("error", pa.string()),
     ]
 )

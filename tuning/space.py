@@ -316,7 +316,10 @@ def _check_field_values(name: str, axis: Axis, base: dict[str, Any]) -> None:
 
 
 def _check_corners(config: Config, space: SearchSpace) -> None:
-    """Validate whole configs at the corners of the space (cross-key rules such as a schedule's end)."""
+    """Validate whole configs at the corners of the space (cross-key rules such as a schedule's end, and the
+    model's shape)."""
+    from pipeline.mae import size_of
+
     base = config.model_dump()
     for axis in space.axes:
         _check_field_values(axis.name or axis.key, axis, base)
@@ -334,7 +337,12 @@ def _check_corners(config: Config, space: SearchSpace) -> None:
         params = {}
         for axis, value in zip(space.axes, combo, strict=True):
             params[axis.key] = int(value) if axis.kind == "randint" else value
-        trial_config(base, params)
+        trial = trial_config(base, params)
+        try:
+            size_of(trial)  # model settings (name, image and decoder shapes) fail here, not in a trial
+        except ValueError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ConfigError(f"tune.space: the trial with {shown} has a bad model setting: {e}") from None
 
 
 def describe(space: SearchSpace) -> list[tuple[str, str]]:

@@ -105,6 +105,41 @@ def test_empty_input_bucket(ray_cluster: None, s3_bucket: str) -> None:
     _fails_clearly(["curate", "-i", s3_bucket, "-o", f"{s3_bucket}/out"], "no images found", s3_bucket)
 
 
+def test_nothing_decodes_is_one_line_and_quarantine_is_written(ray_cluster: None, tmp_path: Path) -> None:
+    """All files bad: the error names the quarantine file, which holds every reason; the manifest beside it
+    is empty, so the pair still comes from one run."""
+    bad = tmp_path / "bad" / "cat"
+    bad.mkdir(parents=True)
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "text.jpg").write_text("not an image")
+    (bad / "html.png").write_text("<html>503</html>")
+    out = tmp_path / "o"
+    _fails_clearly(["curate", "-i", str(bad.parent), "-o", str(out)], "none of the 3", "quarantine.parquet")
+    quarantine = pd.read_parquet(out / "quarantine.parquet")
+    assert sorted(quarantine["reason"]) == ["empty", "not-an-image", "not-an-image"]
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert len(manifest) == 0 and {"path", "kept", "reason"} <= set(manifest.columns)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["pretrain.model=vit_gigantic"], ["unknown MAE size", "mae_vit_mini_patch4"]),
+        (["pretrain.model=mae_vit_small_patch16", "pretrain.image_size=40"], ["40", "patch size 16"]),
+        (["pretrain.decoder_dim=34"], ["decoder_dim", "34"]),
+    ],
+)
+def test_bad_model_settings_fail_before_curation(
+    overrides: list[str], needles: list[str], images: Path, tmp_path: Path
+) -> None:
+    """`maskdiet run` checks the model before it reads a single image (it would fail in every Train worker)."""
+    args = ["run", "--set", f"data.input={images}", "--set", f"output={tmp_path / 'o'}"]
+    for override in overrides:
+        args += ["--set", override]
+    _fails_clearly(args, *needles)
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------------- labels tables
 
 

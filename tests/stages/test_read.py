@@ -11,8 +11,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.curate import curate
 from pipeline.demo_data import DemoSpec, write_demo_data
-from stages.manifest import read_table
 from stages.decode import DecodeOptions, DecodeStage
+from stages.manifest import read_table
 from stages.read import ChainStages, LabelsError, ReadBytes, list_images, read_images
 
 
