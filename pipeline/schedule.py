@@ -52,7 +52,8 @@ STATE_VERSION = 1
 HISTORY_LIMIT = 200  # runs kept per schedule in the state
 DEFAULT_COMMAND = ("maskdiet", "run", "--previous", "latest")  # --config C is added at submission
 ACTIVE = frozenset({"PENDING", "RUNNING"})
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+# LOST: the cluster no longer knows the job (its head restarted without GCS fault tolerance)
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED", "LOST"})
 # Kubernetes names and Ray submission ids both accept this: lower-case DNS labels.
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
@@ -108,7 +109,7 @@ class Run:
     submission_id: str
     outcome: str  # submitted | skipped | queued | missed | failed
     at: str  # when the scheduler recorded it
-    status: str = ""  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED (submitted runs only)
+    status: str = ""  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED | LOST (submitted runs only)
     message: str = ""
 
 
@@ -324,9 +325,16 @@ def refresh(state: State, submitter: Submitter, name: str | None = None) -> None
         if schedule is None:
             continue
         try:
-            run.status = submitter.status(schedule, run.submission_id) or run.status
+            status = submitter.status(schedule, run.submission_id)
         except Exception as e:  # an unreachable cluster must not stop the other schedules
             log.warning("cannot refresh %s: %s", run.submission_id, e)
+            continue
+        if status is None:  # answered, but without this job: it will never finish, so it must not block
+            run.status = "LOST"
+            run.message = "the cluster no longer knows this job (was its head restarted?)"
+            log.warning("%s: %s", run.submission_id, run.message)
+        else:
+            run.status = status
 
 
 def _handle_slot(

@@ -116,6 +116,21 @@ def test_running_previous_makes_the_next_slot_skipped(tmp_path: Path, config_fil
     assert cluster.submits == [submission_id_for("nightly", at(1)), submission_id_for("nightly", at(3))]
 
 
+def test_a_job_the_cluster_forgot_is_lost_and_frees_the_next_slot(tmp_path: Path, config_file: Path) -> None:
+    """A head restarted without GCS fault tolerance forgets its jobs: a run it no longer knows is LOST (a
+    final state), so `skip` does not skip every later slot behind it."""
+    state = str(tmp_path / "state.json")
+    _add(state, config_file)
+    cluster = FakeCluster()
+    run_due(state, now=at(1, 3, 5), submitter=cluster)
+    del cluster.jobs[submission_id_for("nightly", at(1))]  # the restarted head has no record of it
+    day2 = run_due(state, now=at(2, 3, 5), submitter=cluster)
+    assert [r.outcome for r in day2] == ["submitted"]
+    runs = history(state, "nightly", submitter=cluster)
+    assert [(r.due[:10], r.status) for r in runs] == [("2026-01-01", "LOST"), ("2026-01-02", "RUNNING")]
+    assert "no longer knows" in runs[0].message
+
+
 def test_queue_waits_for_the_previous_run_then_submits(tmp_path: Path, config_file: Path) -> None:
     state = str(tmp_path / "state.json")
     _add(state, config_file, concurrency="queue")
