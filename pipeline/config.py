@@ -156,7 +156,8 @@ class EvaluateConfig(_Section):
 class TuneConfig(_Section):
     num_samples: int = Field(6, ge=1)  # trials drawn (with grid axes: repeats of the whole grid)
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's Train CPUs fit
-    metric: str = "val_loss"  # reported by the pretraining loop each eval interval
+    # reported by the pretraining loop each eval interval (pipeline.train.REPORTED_METRICS)
+    metric: Literal["val_loss", "loss", "recon_loss", "images_per_s"] = "val_loss"
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "fifo"] = "asha"  # asha: stop trials that trail at each rung
     search: Literal["random", "optuna"] = "random"  # optuna needs `pip install maskdiet[tune]`

@@ -19,7 +19,7 @@ runs `train_loop`:
   the number Tune sweeps minimise); a checkpoint (model, optimizer, step, config, metrics so far) every
   `checkpoint_every` steps and at the end. Rerunning the same run name under the same output resumes from
   the latest checkpoint; `FailureConfig(max_failures)` restarts failed workers from it.
-- Rank 0 writes `<output>/metrics.jsonl` (one line per `log_every` steps) and, at the end,
+- Rank 0 writes `<output>/metrics.jsonl` (one line per `log_every` steps and at each report) and, at the end,
   `<output>/encoder.pth` (timm ViT keys; see `pipeline.mae`).
 - A non-finite loss stops every worker at the same step with a message; `pretrain` raises `TrainingDiverged`.
 """
@@ -494,12 +494,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     history.append({"step": step, "loss": loss, "stopped": message, "time": time.time()})
                     body = "".join(json.dumps(h) + "\n" for h in history).encode()
                     atomic_write_bytes(metrics_url, body, so)
-                ray.train.report({"step": step, "loss": loss, "stopped": message})
+                ray.train.report(diverged_metrics(step, loss, message))
                 return
             interval_loss += loss
             interval_recon += recon
             interval_n += 1
-            if step % pre.log_every == 0 or step == pre.steps:
+            save = step % pre.checkpoint_every == 0 or step == pre.steps
+            report = save or step % pre.eval_every == 0
+            if report or step % pre.log_every == 0:  # a report always carries this step's numbers
                 latest = {
                     "step": step,
                     "loss": interval_loss / interval_n,
@@ -515,8 +517,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 history.append(latest)
                 interval_loss, interval_recon, interval_n = 0.0, 0.0, 0
                 interval_images, interval_seconds = 0, 0.0
-            save = step % pre.checkpoint_every == 0 or step == pre.steps
-            if step % pre.eval_every == 0 or save:
+            if report:
                 reported = True
                 _report(raw, optimizer, step, config, history, latest, validate, rank, save, metrics_url, so)
             if step >= pre.steps:
@@ -529,6 +530,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         ray.train.report({k: v for k, v in latest.items() if k != "time"} | {"step": step})
     if rank == 0:
         atomic_write_bytes(join(output, ENCODER_NAME), encoder_bytes(raw), so)
+
+
+# What each report holds besides `step` (a sweep's tune.metric is one of the first four).
+REPORTED_METRICS = ("val_loss", "loss", "recon_loss", "images_per_s", "lr", "mask_ratio")
+
+
+def diverged_metrics(step: int, loss: float, message: str) -> dict[str, Any]:
+    """The last report of a run whose loss went non-finite: every metric present (NaN, `loss` as it was),
+    since Ray Tune ends the whole sweep on a result without its metric, and `stopped` with the message."""
+    return {**dict.fromkeys(REPORTED_METRICS, math.nan), "step": step, "loss": loss, "stopped": message}
 
 
 def _report(

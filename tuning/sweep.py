@@ -334,7 +334,7 @@ def run_sweep(
             tune_config=tune.TuneConfig(
                 num_samples=tc.num_samples,
                 max_concurrent_trials=concurrent,
-                scheduler=_scheduler(base, ASHAScheduler, FIFOScheduler),
+                scheduler=_scheduler(base, space, ASHAScheduler, FIFOScheduler),
                 search_alg=_searcher(config, space),
                 metric=tc.metric,
                 mode=tc.mode,
@@ -355,12 +355,14 @@ def run_sweep(
     return write_results(table, config, sweep_dir, time.perf_counter() - start)
 
 
-def _scheduler(config: Config, asha: Any, fifo: Any) -> Any:
-    """ASHA measured in training steps (robust to a resumed trial re-reporting an interval)."""
+def _scheduler(config: Config, space: SearchSpace, asha: Any, fifo: Any) -> Any:
+    """ASHA measured in training steps (robust to a resumed trial re-reporting an interval), up to the
+    longest trial's steps when `pretrain.steps` is swept."""
     if config.tune.scheduler == "fifo":
         return fifo()
     every = config.pretrain.eval_every
-    max_t = config.pretrain.steps
+    swept = [a for a in space.axes if a.key == "pretrain.steps"]
+    max_t = int(max(swept[0].corners())) if swept else config.pretrain.steps
     grace = min(config.tune.grace_period * every, max_t)
     return asha(
         time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=config.tune.reduction_factor
@@ -387,13 +389,19 @@ def _searcher(config: Config, space: SearchSpace) -> Any:
 # ---------------------------------------------------------------------------------------------- results
 
 
-def _status(tune_status: str | None, error: Any, steps: int, base: Config) -> str:
-    """finished | stopped (early, by the scheduler) | error | unfinished (interrupted; --resume runs it)."""
+def _status(
+    tune_status: str | None, error: Any, steps: int, trial_steps: int, stopped: str | None = None
+) -> str:
+    """finished | stopped (early, by the scheduler) | diverged (non-finite loss: `stopped` holds the
+    message) | error | unfinished (interrupted; --resume runs it). `trial_steps`: the trial's own
+    pretrain.steps."""
     if error or tune_status == "ERROR":
         return "error"
     if tune_status not in (None, "TERMINATED"):
         return "unfinished"
-    return "stopped" if steps < base.pretrain.steps else "finished"
+    if stopped:
+        return "diverged"
+    return "stopped" if steps < trial_steps else "finished"
 
 
 def saved_trials(experiment_path: str, storage_fs: Any) -> dict[str, tuple[str, str]]:
@@ -427,10 +435,17 @@ def results_table(
         history = result.metrics_dataframe
         values = history[metric].dropna() if history is not None and metric in history else pd.Series([])
         steps = int(last.get("step", 0) or 0)
+        try:
+            cfg: Config | None = trial_config(base_data, params)
+        except ConfigError:
+            cfg = None
+        trial_steps = cfg.pretrain.steps if cfg is not None else base.pretrain.steps
+        status = _status(tune_status, result.error, steps, trial_steps, last.get("stopped"))
         row: dict[str, Any] = {
             "trial_id": trial_id,
-            "status": _status(tune_status, result.error, steps, base),
-            "objective": float(values.iloc[-1]) if len(values) else np.nan,
+            "status": status,
+            # a diverged trial ranks last, whatever it reported before its loss blew up
+            "objective": float(values.iloc[-1]) if len(values) and status != "diverged" else np.nan,
             "best_objective": float(values.min() if mode == "min" else values.max())
             if len(values)
             else np.nan,
@@ -439,17 +454,18 @@ def results_table(
             "images_per_s": float(last.get("images_per_s", np.nan) or np.nan),
         }
         row["stopped_early"] = row["status"] == "stopped"
-        try:
-            cfg = trial_config(base_data, params)
+        if cfg is not None:
             for column, key in STANDARD_COLUMNS:
                 row[column] = get_dotted(cfg, key)
-        except ConfigError:
-            pass
         for key, value in params.items():
             if key not in standard_keys:
                 row[key] = json.dumps(value) if isinstance(value, dict) else value
         row["output"] = trial_output(sweep_dir, trial_id)
-        row["error"] = str(result.error).splitlines()[0][:200] if result.error else None
+        row["error"] = (
+            str(result.error).splitlines()[0][:200]
+            if result.error
+            else (str(last["stopped"])[:200] if status == "diverged" else None)
+        )
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:

@@ -59,7 +59,7 @@ def test_killed_train_worker_resumes_from_checkpoint(ray_cluster: None, tmp_path
             "pretrain.cpus_per_worker=0.5",
             "pretrain.base_lr=0.005",
             "pretrain.warmup_steps=5",
-            "pretrain.log_every=5",
+            "pretrain.log_every=8",  # not a divisor of the report interval: reports still get fresh lines
             f"pretrain.eval_every={CHECKPOINT_EVERY}",
             f"pretrain.checkpoint_every={CHECKPOINT_EVERY}",
             "pretrain.max_failures=2",
@@ -108,6 +108,10 @@ def test_killed_train_worker_resumes_from_checkpoint(ray_cluster: None, tmp_path
     assert result.steps == STEPS
     steps = [h["step"] for h in result.history]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # nothing logged twice, ends where configured
+    # every report step has its own line, with the numbers of that step's interval and its val_loss
+    reported = [h for h in result.history if h["step"] % CHECKPOINT_EVERY == 0]
+    assert [h["step"] for h in reported] == list(range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY))
+    assert all("val_loss" in h and "loss" in h for h in reported), reported
     resumed = [h for h in result.history if "resumed_from" in h]
     assert len(resumed) == 1, result.history
     start = resumed[0]["resumed_from"]

@@ -114,6 +114,37 @@ def test_run_sweep_rejects_bad_space_and_score_free_manifest(
     assert not list((tmp_path / "out" / "sweeps").glob("*/trials"))
 
 
+def test_swept_steps_set_ashas_horizon_and_each_trials_status(tmp_path: Path) -> None:
+    """With `steps` swept, ASHA may run a trial to the longest one's end, and a trial that ran all of its
+    own steps is finished (not stopped), whatever the base config's steps."""
+    from tuning.space import build_search_space
+    from tuning.sweep import _scheduler, _status
+
+    config = load_config(None, ["pretrain.steps=200", "tune.space={steps: {grid: [100, 300]}}"])
+    space = build_search_space(config)
+    asha = _scheduler(config, space, asha=lambda **kw: kw, fifo=dict)
+    assert asha["max_t"] == 300
+    assert _status("TERMINATED", None, steps=100, trial_steps=100, stopped=None) == "finished"
+    assert _status("TERMINATED", None, steps=150, trial_steps=300, stopped=None) == "stopped"
+    assert _status("TERMINATED", None, steps=40, trial_steps=300, stopped="non-finite loss") == "diverged"
+
+
+def test_a_diverged_report_carries_every_metric_tune_may_watch() -> None:
+    """Tune ends the whole sweep when a result lacks its metric: the stop report of a trial whose loss went
+    non-finite holds each metric a sweep may rank by (as NaN), so only that trial ends."""
+    import typing
+
+    from pipeline.config import TuneConfig
+    from pipeline.train import diverged_metrics
+
+    report = diverged_metrics(step=7, loss=float("inf"), message="non-finite loss (inf) at step 7")
+    metrics = typing.get_args(TuneConfig.model_fields["metric"].annotation)
+    assert set(metrics) <= set(report) and report["step"] == 7 and "stopped" in report
+    assert all(np.isnan(report[m]) for m in metrics if m != "loss") and report["loss"] == float("inf")
+    with pytest.raises(ConfigError, match=r"tune\.metric"):
+        load_config(None, ["tune.metric=val_los"])
+
+
 def test_trial_reprunes_the_one_manifest(ray_cluster: None, demo_manifest: str, tmp_path: Path) -> None:
     """The curation axis: each trial prunes the shared manifest with its own keep fraction, never rescoring."""
     from stages.manifest import read_manifest
