@@ -14,6 +14,7 @@ import logging
 import os
 import posixpath
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -140,16 +141,22 @@ LOCK_NAME = ".maskdiet.lock"
 def _create_exclusive(fs: AbstractFileSystem, path: str, body: bytes) -> bool:
     """Create `path` holding `body` only if it does not exist; False when it does.
 
-    Local: `O_CREAT | O_EXCL`. S3: a conditional PUT (`If-None-Match: *`), which S3 and moto honour.
+    Local: the body goes to a private file first, then `os.link` gives it the name, which fails if the name
+    exists: a reader never sees the lock without its body (and would take an empty one as stale). S3: a
+    conditional PUT (`If-None-Match: *`), which S3 and moto honour.
     """
     if is_local(fs):
-        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        folder = posixpath.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lock-")
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
+        finally:
+            os.unlink(tmp)
         return True
     try:
         fs.pipe_file(path, body, mode="create")

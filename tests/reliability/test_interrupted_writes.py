@@ -221,3 +221,17 @@ def test_a_lock_older_than_stale_after_is_broken(tmp_path: Path) -> None:
     with output_lock(str(out), wait=0.2, stale_after=600):
         pass
     assert not (out / LOCK_NAME).exists()
+
+
+def test_a_local_lock_appears_with_its_body_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """The lock is named only once its body is written (a reader never sees an empty lock and takes it for a
+    stale one); a second creator is refused and leaves nothing behind."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.storage import _create_exclusive
+
+    fs, path = LocalFileSystem(), str(tmp_path / "out" / LOCK_NAME)
+    assert _create_exclusive(fs, path, b'{"pid": 1}')
+    assert not _create_exclusive(fs, path, b'{"pid": 2}')
+    assert Path(path).read_bytes() == b'{"pid": 1}'
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_NAME]
