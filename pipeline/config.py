@@ -122,6 +122,7 @@ class PretrainConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0.0)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0.0)  # with use_gpu; a fraction lets trials share a GPU
     cpus_per_worker: float | None = Field(None, gt=0.0)  # None: sized from the cluster and data_cpu_share
     threads: int | None = Field(None, ge=1)  # torch threads per worker; None: see train.torch_threads
     checkpoint_every: int = Field(100, ge=1)

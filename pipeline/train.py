@@ -100,7 +100,7 @@ def worker_resources(config: Config) -> dict[str, float]:
         cpus = max(0.1, math.floor(100 * total * (1.0 - config.ray.data_cpu_share) / pre.num_workers) / 100)
     resources = {"CPU": cpus}
     if pre.use_gpu:
-        resources["GPU"] = 1.0
+        resources["GPU"] = pre.gpus_per_worker
     return resources
 
 

@@ -140,7 +140,7 @@ def run_trial(
     from pipeline.train import build_trainer
 
     configure_data_context()  # this actor drives its own Ray Data pipeline: our progress and retry settings
-    config = trial_config(base, params)
+    config = sweep_config(trial_config(base, params))
     trial_id = tune.get_context().get_trial_id()
     output = trial_output(sweep_dir, trial_id)
     _record_attempt(output, trial_id, params, config.data.storage_options)
@@ -153,13 +153,15 @@ def run_trial(
 
 
 def sweep_config(config: Config) -> Config:
-    """The base config every trial starts from: Train workers sized to the trial's share, and the
-    report interval set from `tune.eval_every`."""
+    """The base config every trial starts from, and each trial's own after its parameters are applied:
+    Train workers sized to the trial's share (split over that trial's `num_workers`, which may be swept),
+    and the report interval set from `tune.eval_every`."""
     tune = config.tune
     workers = config.pretrain.num_workers
     updates: dict[str, Any] = {"cpus_per_worker": tune.cpus_per_trial / workers}
     if tune.gpus_per_trial > 0:
         updates["use_gpu"] = True
+        updates["gpus_per_worker"] = tune.gpus_per_trial / workers
     if tune.eval_every is not None:
         updates["eval_every"] = tune.eval_every
     pretrain = config.pretrain.model_copy(update=updates)

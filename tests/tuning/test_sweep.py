@@ -129,6 +129,21 @@ def test_swept_steps_set_ashas_horizon_and_each_trials_status(tmp_path: Path) ->
     assert _status("TERMINATED", None, steps=40, trial_steps=300, stopped="non-finite loss") == "diverged"
 
 
+def test_each_trial_splits_its_share_over_its_own_workers() -> None:
+    """`tune.cpus_per_trial` / `gpus_per_trial` are per trial, whatever `num_workers` that trial has."""
+    from pipeline.train import worker_resources
+    from tuning.space import trial_config
+    from tuning.sweep import sweep_config
+
+    config = load_config(None, ["tune.cpus_per_trial=2", "tune.gpus_per_trial=1", "pretrain.num_workers=1"])
+    base = sweep_config(config).model_dump()
+    for workers in (1, 4):
+        trial = sweep_config(trial_config(base, {"pretrain.num_workers": workers}))
+        resources = worker_resources(trial)
+        assert resources["CPU"] * workers == pytest.approx(2.0)
+        assert resources["GPU"] * workers == pytest.approx(1.0)
+
+
 def test_a_diverged_report_carries_every_metric_tune_may_watch() -> None:
     """Tune ends the whole sweep when a result lacks its metric: the stop report of a trial whose loss went
     non-finite holds each metric a sweep may rank by (as NaN), so only that trial ends."""
