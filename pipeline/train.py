@@ -18,7 +18,9 @@ runs `train_loop`:
   `images_per_s`, `val_loss` (masked-reconstruction loss on the held-out images under a fixed random mask:
   the number Tune sweeps minimise); a checkpoint (model, optimizer, step, config, metrics so far) every
   `checkpoint_every` steps and at the end. Rerunning the same run name under the same output resumes from
-  the latest checkpoint; `FailureConfig(max_failures)` restarts failed workers from it.
+  the latest checkpoint; `FailureConfig(max_failures)` restarts failed workers from it. From the decoded
+  cache a resumed run goes on with the batch after the checkpoint's; streamed from storage it starts the
+  data order over (skipping ahead would mean reading again every image already trained on).
 - Rank 0 writes `<output>/metrics.jsonl` (one line per `log_every` steps and at each report) and, at the end,
   `<output>/encoder.pth` (timm ViT keys; see `pipeline.mae`).
 - A non-finite loss stops every worker at the same step with a message; `pretrain` raises `TrainingDiverged`.
@@ -447,8 +449,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     else:
         from stages.stream import cached_batches
 
+        skip = step  # resumed: go on from the batch after the checkpoint's, not from the first batch again
+
         def batches() -> Iterator[dict[str, Any]]:
-            return cached_batches(loop_config["cache"], config, loop_config["epochs"], pre.seed, rank, world)
+            nonlocal skip
+            start, skip = skip, 0
+            return cached_batches(
+                loop_config["cache"], config, loop_config["epochs"], pre.seed, rank, world, start=start
+            )
 
     metrics_url = join(output, METRICS_NAME)
 

@@ -260,12 +260,19 @@ def _decode_with_ray_data(
 
 
 def cached_batches(
-    cache: DecodedCache, config: Config, epochs: int, seed: int, rank: int = 0, world: int = 1
+    cache: DecodedCache,
+    config: Config,
+    epochs: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    start: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Training worker `rank`'s batches (`pretrain.batch_size` rows: `image`, `label`) from the decoded cache:
     `epochs` passes in seeded orders, each global batch of batch_size × world rows split by rank (the tail
     that fills no global batch is dropped), augmented by the stream's training-image stage. A thread
-    prepares the next batch while the caller trains on this one.
+    prepares the next batch while the caller trains on this one. `start` skips that many global batches
+    (counted round the sequence): a resumed run picks up mid-epoch where its checkpoint left off.
 
     The workers take the rows straight from the shared array: with nothing to read or decode, a Ray Data
     pipeline would only add its scheduler, which in Ray 2.60 polls without pause while quick tasks wait on
@@ -283,9 +290,10 @@ def cached_batches(
         ok = np.ones(len(rows), dtype=bool)
         return augment({"path": paths[rows], "image": images[rows], "ok": ok, "label": labels[rows]})
 
+    first = start % count if count else 0
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(batch, 0) if count else None
-        for k in range(count):
+        pending = pool.submit(batch, first) if count else None
+        for k in range(first, count):
             assert pending is not None
             ready = pending.result()
             if k + 1 < count:

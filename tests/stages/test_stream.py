@@ -112,6 +112,10 @@ def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decode
     # Two workers split each global batch: disjoint halves, together one worker's sequence of rows.
     ranks = [_digest_pairs(cached_batches(cache, config, epochs=2, seed=3, rank=r, world=2)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(one[: 2 * len(ranks[0])])
+    # A resumed run goes on from the batch after its checkpoint's (counted round the whole sequence).
+    assert _digest_pairs(cached_batches(cache, config, epochs=2, seed=3, start=2)) == one[2 * 4 :]
+    batches_in_all = len(one) // 4
+    assert _digest_pairs(cached_batches(cache, config, epochs=2, seed=3, start=batches_in_all + 1)) == one[4:]
     # With augmentation, deterministic for a seed, and not the plain images.
     config.pretrain.augment = True
     crops = _digest_pairs(cached_batches(cache, config, epochs=2, seed=3))
