@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from pipeline.config import Config, dump_config
 from pipeline.curate import CurateResult, Progress, curate, new_run_id
@@ -52,6 +53,21 @@ def resolve_previous(output: str, previous: str, storage_options: dict[str, Any]
     if not exists(pointer, storage_options):
         return None
     return read_bytes(pointer, storage_options).decode().strip()
+
+
+def score_cache_url(config: Config, previous_dir: str | None) -> str:
+    """Where this run's scores are cached: `score.cache_url` if set; else the previous run's cache (from
+    its saved config.yaml), so `--previous` reuses its scores even from another output; else
+    `<output>/score_cache`."""
+    if config.score.cache_url:
+        return config.score.cache_url
+    so = config.data.storage_options
+    if previous_dir and exists(join(previous_dir, "config.yaml"), so):
+        saved = yaml.safe_load(read_bytes(join(previous_dir, "config.yaml"), so)) or {}
+        url = (saved.get("score") or {}).get("cache_url")
+        if url:
+            return str(url)
+    return join(config.output, "score_cache")
 
 
 def noise_caught(
@@ -81,10 +97,11 @@ def run_pipeline(
     so = config.data.storage_options
     run_id = config.run_id or new_run_id()
     run_dir = join(config.output, "runs", run_id)
-    updates: dict[str, Any] = {"run_id": run_id}
-    if config.score.cache_url is None:
-        updates["score"] = config.score.model_copy(update={"cache_url": join(config.output, "score_cache")})
     previous_dir = resolve_previous(config.output, previous, so) if previous else None
+    updates: dict[str, Any] = {
+        "run_id": run_id,
+        "score": config.score.model_copy(update={"cache_url": score_cache_url(config, previous_dir)}),
+    }
     if previous_dir and config.pretrain.warm_start is None and exists(join(previous_dir, "encoder.pth"), so):
         updates["pretrain"] = config.pretrain.model_copy(
             update={"warm_start": join(previous_dir, "encoder.pth")}

@@ -99,3 +99,22 @@ def test_incremental_run_on_s3(ray_cluster: None, s3_bucket: str) -> None:
     with fs.open(f"{second_dir}/manifest.parquet".removeprefix("s3://"), "rb") as f:
         assert len(pd.read_parquet(f)) == 100
     assert fs.exists(f"{second_dir}/report/index.html".removeprefix("s3://"))
+
+
+def test_previous_run_lends_its_score_cache_across_outputs(tmp_path: Path) -> None:
+    """`--previous DIR` reuses that run's scores even when this run writes to another output: the cache is
+    the one its saved config names; an explicit score.cache_url still wins."""
+    from pipeline.config import dump_config, load_config
+    from pipeline.run import score_cache_url
+
+    old_run = tmp_path / "old" / "runs" / "r1"
+    old_run.mkdir(parents=True)
+    old = load_config(
+        None, [f"output={tmp_path / 'old'}", f"score.cache_url={tmp_path / 'old' / 'score_cache'}"]
+    )
+    (old_run / "config.yaml").write_text(dump_config(old))
+    new = load_config(None, [f"output={tmp_path / 'new'}"])
+    assert score_cache_url(new, str(old_run)) == str(tmp_path / "old" / "score_cache")
+    assert score_cache_url(new, None) == f"{tmp_path / 'new'}/score_cache"
+    pinned = load_config(None, [f"output={tmp_path / 'new'}", "score.cache_url=s3://b/cache"])
+    assert score_cache_url(pinned, str(old_run)) == "s3://b/cache"
