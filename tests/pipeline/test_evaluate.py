@@ -102,3 +102,19 @@ def test_evaluate_command_reports_pretrained_and_random_init(tmp_path) -> None:
         app, ["evaluate", "--checkpoint", str(tmp_path / "nope"), "--data", str(images)]
     )
     assert missing.exit_code == 2 and "error" in missing.output
+
+
+def test_encoder_weights_must_match_the_size() -> None:
+    """Evaluation loads exactly the encoder's keys: a foreign or partial state dict is refused by name."""
+    from pipeline.evaluate import encoder_from_state
+    from pipeline.mae import build_mae, get_size
+
+    size = get_size("mae_vit_micro_patch4")
+    state = build_mae("mae_vit_micro_patch4").encoder_state_dict()
+    loaded = encoder_from_state(size, state)
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    with pytest.raises(ValueError, match=r"unexpected \['head\.weight'\]"):
+        encoder_from_state(size, {**state, "head.weight": torch.zeros(10, 64)})
+    del state["norm.bias"]
+    with pytest.raises(ValueError, match=r"missing \['norm\.bias'\]"):
+        encoder_from_state(size, state)
