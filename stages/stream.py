@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from PIL import Image
 from pipeline.config import Config
 from stages.decode import BadImage, DecodeOptions, DecodeStage, decode_image
 from stages.manifest import read_table
-from stages.read import ImageListing, read_images
+from stages.read import ImageListing, ReadBytes, read_images
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,13 @@ def decode_cache(frame: pd.DataFrame, config: Config) -> DecodedCache:
         images, ok, reasons = _decode_with_ray_data(listing, config)
     if reasons:
         path, reason = next(iter(reasons.items()))
+        counts = ", ".join(f"{r} {n}" for r, n in Counter(reasons.values()).most_common())
         log.warning(
-            "%d training image(s) no longer decode and are left out, e.g. %s (%s)", len(reasons), path, reason
+            "%d training image(s) no longer decode and are left out (%s), e.g. %s (%s)",
+            len(reasons),
+            counts,
+            path,
+            reason,
         )
     kept = pd.DataFrame(
         {
@@ -314,20 +320,22 @@ def load_images(paths: list[str], config: Config, size: int | None = None, threa
 def decode_here(
     paths: list[str], config: Config, size: int | None = None, threads: int = 8
 ) -> tuple[np.ndarray, dict[int, BadImage]]:
-    """`load_images` that carries on past bad objects: (images, {index: BadImage}); failed rows stay zero."""
-    from pipeline.storage import url_to_fs
-
+    """`load_images` that carries on past bad objects: (images, {index: BadImage}); failed rows stay zero.
+    The objects are read as the stream reads them (`ReadBytes`: concurrent, retried, names taken literally,
+    a deleted object `missing`), then decoded by `threads` threads."""
     size = size or image_size(config)
     options = _decode_options(config, size)
     out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     failed: dict[int, BadImage] = {}
     if not paths:
         return out, failed
-    fs, _ = url_to_fs(paths[0], config.data.storage_options)
+    blobs = ReadBytes(config.data.storage_options)({"path": np.asarray(paths, dtype=object)})["bytes"]
 
     def one(i: int) -> None:
         try:
-            out[i] = decode_image(fs.cat_file(fs._strip_protocol(paths[i])), options)
+            if blobs[i] is None:
+                raise BadImage("missing", "the object was deleted since it was listed")
+            out[i] = decode_image(blobs[i], options)
         except BadImage as e:
             failed[i] = e
 

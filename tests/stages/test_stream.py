@@ -138,6 +138,18 @@ def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decode
     # The stream from storage leaves it out as well.
     streamed_now = _digest_pairs(training_dataset(train, config, epochs=1, seed=3).iter_batches(batch_size=8))
     assert len(streamed_now) == len(train) - 1
+    # An object deleted since curation is left out too (`missing`), by both paths: the run goes on.
+    gone = str(train["path"].iloc[1])
+    fsspec.filesystem("s3").rm_file(gone)
+    for here_max in (stream.DECODE_HERE_MAX, 0):
+        monkeypatch.setattr(stream, "DECODE_HERE_MAX", here_max)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="stages.stream"):
+            cache = decode_cache(train, config)
+        assert len(cache.frame) == len(train) - 2 and gone not in set(cache.frame["path"])
+        assert "2 training image(s) no longer decode" in caplog.text and "missing 1" in caplog.text
+    streamed_now = _digest_pairs(training_dataset(train, config, epochs=1, seed=3).iter_batches(batch_size=8))
+    assert len(streamed_now) == len(train) - 2
 
 
 def test_validation_split_is_stable_and_seeded() -> None:
