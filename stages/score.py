@@ -523,10 +523,15 @@ def score_decoded(decoded: Any, config: Config, progress: Progress | None = None
 
     new = pd.DataFrame(index=miss_rows)
     losses: list[list[float]] = []
+    # Label-free with an encoder: the prototype distances need no proxies (no rotation EL2N columns then).
+    proxies = not (label_free and sc.encoder is not None)
     if len(miss_rows):
         models = cache.load_models() if cache else None
         start = time.perf_counter()
-        if models is None:
+        if not proxies:
+            models = models or {"states": [], "centroids": None}
+            states, forgetting = [], np.full(len(frame), np.nan)
+        elif models is None:
             seeds = [sc.seed + k for k in range(sc.num_models)]
             results = train_proxies(images, labels, spec, seeds, sc.cpus_per_model, progress)
             states = [r.state for r in results]
@@ -540,15 +545,19 @@ def score_decoded(decoded: Any, config: Config, progress: Progress | None = None
         seconds["train"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        cols = score_rows(
-            miss_rows,
-            images,
-            None if label_free else labels,
-            states,
-            spec,
-            sc,
-            embed=label_free and sc.encoder is None,
-            progress=progress,
+        cols = (
+            score_rows(
+                miss_rows,
+                images,
+                None if label_free else labels,
+                states,
+                spec,
+                sc,
+                embed=label_free and sc.encoder is None,
+                progress=progress,
+            )
+            if proxies
+            else {}
         )
         seconds["score"] = time.perf_counter() - start
         for name in ("el2n", "el2n_std", "grand"):

@@ -105,3 +105,33 @@ def test_prototype_embeddings_from_a_maskdiet_encoder(tmp_path: Path) -> None:
     np.testing.assert_allclose(encoder_embeddings(url, images[:5]), embedding[:5], rtol=1e-4, atol=1e-5)
     distance, _ = prototype_scores(embedding, num_clusters=3)
     assert distance.shape == (len(images),) and (distance >= 0).all()
+
+
+def test_prototype_scores_with_an_encoder_train_no_proxies(tmp_path: Path) -> None:
+    """With `score.encoder`, the prototype distances come from its embeddings alone: no rotation proxy is
+    trained (they would cost K trainings and add nothing to the scores)."""
+    from pipeline.mae import build_mae, export_encoder
+
+    torch.manual_seed(0)
+    url = export_encoder(build_mae("mae_vit_micro_patch4", img_size=32), str(tmp_path / "encoder.pth"))
+    write_demo_data(str(tmp_path / "d"), DemoSpec(per_class=3, seed=8, image_format="png"))
+    images = load_folder(tmp_path / "d")
+    frame = pd.DataFrame(
+        {
+            "path": [f"mem://x/{i:04d}.png" for i in range(len(images))],
+            "sha256": [f"{i:064x}" for i in range(len(images))],
+            "label": np.full(len(images), -1, dtype=np.int64),
+            "class_name": "",
+        }
+    )
+    decoded = Decoded(frame=frame, images=images, quarantine=pd.DataFrame(), classes=[])
+    overrides = [
+        "score.method=prototype",
+        f"score.encoder={url}",
+        "score.num_clusters=3",
+        "score.cache=false",
+    ]
+    outcome = score_decoded(decoded, load_config(None, overrides))
+    assert outcome.losses == [] and outcome.scored == len(images)
+    out = outcome.frame
+    assert np.isfinite(out["prototype"]).all() and (out["score"] == out["prototype"]).all()
