@@ -236,11 +236,13 @@ def output_lock(
         if holder.get("owner") == owner:
             break  # our own create went through, its answer was lost and the retry saw our lock
         if _is_stale(holder, stale_after):
-            log.warning(
-                "breaking a stale lock on %s (pid %s on %s)", url, holder.get("pid"), holder.get("host")
-            )
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm_file(path)
+            # Another waiter may have broken it and taken the lock since we read it: remove only the same one.
+            if _read_lock(fs, path) == holder:
+                log.warning(
+                    "breaking a stale lock on %s (pid %s on %s)", url, holder.get("pid"), holder.get("host")
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(path)
             continue
         if time.monotonic() >= deadline:
             raise LockHeld(
