@@ -222,8 +222,11 @@ class ReadBytes:
                     found[i] = bytes(value)
             if not failed:
                 break
+            permanent = [e for _, e in failed if not any(m in str(e) for m in RETRIED_IO_ERRORS)]
+            if permanent:
+                raise permanent[0]
             error = failed[0][1]
-            if attempt + 1 == self.attempts or not any(m in str(error) for m in RETRIED_IO_ERRORS):
+            if attempt + 1 == self.attempts:
                 raise error
             log.warning(
                 "retrying %d of %d objects after %s: %s", len(failed), len(raw), type(error).__name__, error

@@ -190,6 +190,7 @@ def _decode_options(config: Config, size: int | None = None) -> DecodeOptions:
 # Up to this many images the cache is decoded in the calling process: a Ray Data pass costs seconds of
 # start-up in a fresh process (each Tune trial builds its own cache), more than decoding them here.
 DECODE_HERE_MAX = 4096
+DECODE_HERE_CHUNK = 16  # objects each thread reads at once (one concurrent request batch on object stores)
 
 
 @dataclass(frozen=True)
@@ -322,23 +323,25 @@ def decode_here(
 ) -> tuple[np.ndarray, dict[int, BadImage]]:
     """`load_images` that carries on past bad objects: (images, {index: BadImage}); failed rows stay zero.
     The objects are read as the stream reads them (`ReadBytes`: concurrent, retried, names taken literally,
-    a deleted object `missing`), then decoded by `threads` threads."""
+    a deleted object `missing`), `chunk` at a time by each of `threads` threads, which then decode them: at
+    most threads × chunk objects are held at once, and reading overlaps decoding."""
     size = size or image_size(config)
     options = _decode_options(config, size)
     out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     failed: dict[int, BadImage] = {}
-    if not paths:
-        return out, failed
-    blobs = ReadBytes(config.data.storage_options)({"path": np.asarray(paths, dtype=object)})["bytes"]
+    read = ReadBytes(config.data.storage_options)
 
-    def one(i: int) -> None:
-        try:
-            if blobs[i] is None:
-                raise BadImage("missing", "the object was deleted since it was listed")
-            out[i] = decode_image(blobs[i], options)
-        except BadImage as e:
-            failed[i] = e
+    def part(first: int) -> None:
+        chunk = paths[first : first + DECODE_HERE_CHUNK]
+        blobs = read({"path": np.asarray(chunk, dtype=object)})["bytes"]
+        for i, blob in enumerate(blobs, start=first):
+            try:
+                if blob is None:
+                    raise BadImage("missing", "the object was deleted since it was listed")
+                out[i] = decode_image(blob, options)
+            except BadImage as e:
+                failed[i] = e
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(one, range(len(paths))))
+        list(pool.map(part, range(0, len(paths), DECODE_HERE_CHUNK)))
     return out, dict(sorted(failed.items()))
