@@ -127,12 +127,16 @@ def _storage(output: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
 
 
 def _validation_images(config: Config, paths: list[str]) -> np.ndarray:
-    from stages.stream import image_size, load_images
+    """The held-out images, decoded once; any that no longer decode are left out with a warning."""
+    from stages.stream import decode_here
 
-    if not paths:
-        size = image_size(config)
-        return np.zeros((0, size, size, 3), dtype=np.uint8)
-    return load_images(paths, config)
+    images, failed = decode_here(paths, config)
+    if failed:
+        i, error = next(iter(failed.items()))
+        log.warning("%d validation image(s) left out: %s (%s)", len(failed), paths[i], error.reason)
+    keep = np.ones(len(paths), dtype=bool)
+    keep[list(failed)] = False
+    return images[keep]
 
 
 def build_trainer(
@@ -267,14 +271,20 @@ def pretrain(
         raise TrainingDiverged(str(stopped))
     if progress:
         progress("pretrain", int(final.get("step", 0)), config.pretrain.steps)
-    timed = [h for h in history if h.get("images_per_s")]
+    steps_covered = np.diff([0] + [int(h["step"]) for h in history])
+    timed = [
+        (h["images_per_s"], n) for h, n in zip(history, steps_covered, strict=True) if h.get("images_per_s")
+    ]
     return PretrainResult(
         run_name=run_name,
         steps=int(final.get("step", history[-1]["step"] if history else 0)),
         first_loss=float(history[0]["loss"]) if history else math.nan,
         final_loss=float(final.get("loss", history[-1]["loss"] if history else math.nan)),
         val_loss=final.get("val_loss"),
-        images_per_s=float(np.mean([h["images_per_s"] for h in timed])) if timed else 0.0,
+        # lines cover different numbers of steps (log_every, or less up to a report): weight by them
+        images_per_s=float(np.average([r for r, _ in timed], weights=[n for _, n in timed]))
+        if timed
+        else 0.0,
         seconds=seconds,
         encoder_url=join(output, ENCODER_NAME),
         metrics_url=metrics_url,
