@@ -152,9 +152,12 @@ def _create_exclusive(fs: AbstractFileSystem, path: str, body: bytes) -> bool:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
+            os.chmod(tmp, 0o644)  # as a plain create would make it: other users may read who holds it
             os.link(tmp, path)
         except FileExistsError:
             return False
+        except OSError:  # a filesystem without hard links (vfat, some FUSE mounts): create in place
+            return _create_in_place(path, body)
         finally:
             os.unlink(tmp)
         return True
@@ -166,6 +169,16 @@ def _create_exclusive(fs: AbstractFileSystem, path: str, body: bytes) -> bool:
         if fs.exists(path):
             return False
         fs.pipe_file(path, body)
+    return True
+
+
+def _create_in_place(path: str, body: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(body)
     return True
 
 

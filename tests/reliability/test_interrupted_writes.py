@@ -226,12 +226,25 @@ def test_a_lock_older_than_stale_after_is_broken(tmp_path: Path) -> None:
 def test_a_local_lock_appears_with_its_body_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     """The lock is named only once its body is written (a reader never sees an empty lock and takes it for a
     stale one); a second creator is refused and leaves nothing behind."""
+    import os
+
     from fsspec.implementations.local import LocalFileSystem
 
+    from pipeline import storage
     from pipeline.storage import _create_exclusive
 
     fs, path = LocalFileSystem(), str(tmp_path / "out" / LOCK_NAME)
-    assert _create_exclusive(fs, path, b'{"pid": 1}')
+    real_link, seen = os.link, []
+
+    def link(src: str, dst: str) -> None:
+        seen.append(Path(src).read_bytes())  # what the name will point at, the moment before it exists
+        real_link(src, dst)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(storage.os, "link", link)
+        assert _create_exclusive(fs, path, b'{"pid": 1}')
+    assert seen == [b'{"pid": 1}']
+    assert oct(Path(path).stat().st_mode & 0o777) == oct(0o644)
     assert not _create_exclusive(fs, path, b'{"pid": 2}')
     assert Path(path).read_bytes() == b'{"pid": 1}'
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_NAME]
