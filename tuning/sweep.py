@@ -140,7 +140,9 @@ def run_trial(
     from pipeline.train import build_trainer
 
     configure_data_context()  # this actor drives its own Ray Data pipeline: our progress and retry settings
-    config = sweep_config(trial_config(base, params))
+    config = trial_config(base, params)
+    if "pretrain.num_workers" in params:
+        config = split_trial_share(config, params)
     trial_id = tune.get_context().get_trial_id()
     output = trial_output(sweep_dir, trial_id)
     _record_attempt(output, trial_id, params, config.data.storage_options)
@@ -153,19 +155,38 @@ def run_trial(
 
 
 def sweep_config(config: Config) -> Config:
-    """The base config every trial starts from, and each trial's own after its parameters are applied:
-    Train workers sized to the trial's share (split over that trial's `num_workers`, which may be swept),
-    and the report interval set from `tune.eval_every`."""
+    """The base config every trial starts from: Train workers sized to the trial's share, and the
+    report interval set from `tune.eval_every`."""
     tune = config.tune
-    workers = config.pretrain.num_workers
-    updates: dict[str, Any] = {"cpus_per_worker": tune.cpus_per_trial / workers}
+    updates: dict[str, Any] = share_per_worker(config, config.pretrain.num_workers)
     if tune.gpus_per_trial > 0:
         updates["use_gpu"] = True
-        updates["gpus_per_worker"] = tune.gpus_per_trial / workers
     if tune.eval_every is not None:
         updates["eval_every"] = tune.eval_every
     pretrain = config.pretrain.model_copy(update=updates)
     return config.model_copy(update={"pretrain": pretrain})
+
+
+def share_per_worker(config: Config, workers: int) -> dict[str, float]:
+    """A trial's CPUs (and GPUs) split over its `workers`. Ray takes a GPU count below 1 or a whole one."""
+    tune = config.tune
+    share = {"cpus_per_worker": tune.cpus_per_trial / workers}
+    if tune.gpus_per_trial > 0:
+        gpus = tune.gpus_per_trial / workers
+        if gpus > 1 and gpus != int(gpus):
+            raise ConfigError(
+                f"tune.gpus_per_trial={tune.gpus_per_trial} over {workers} workers is {gpus:g} GPUs each; "
+                "Ray takes a fraction below 1 or a whole number"
+            )
+        share["gpus_per_worker"] = gpus
+    return share
+
+
+def split_trial_share(config: Config, params: dict[str, Any]) -> Config:
+    """A trial with its own `num_workers`: the trial's share split over them (unless swept directly)."""
+    share = share_per_worker(config, config.pretrain.num_workers)
+    share = {k: v for k, v in share.items() if f"pretrain.{k}" not in params}
+    return config.model_copy(update={"pretrain": config.pretrain.model_copy(update=share)})
 
 
 def max_concurrent(config: Config, cluster_cpus: float, cluster_gpus: float) -> int:
@@ -299,6 +320,10 @@ def run_sweep(
         raise ConfigError("tune.metric=val_loss needs held-out images: set pretrain.val_images > 0")
 
     base = sweep_config(config)
+    for axis in space.axes:  # a swept worker count splits each trial's share its own way: check them all
+        if axis.key == "pretrain.num_workers":
+            for workers in axis.corners():
+                share_per_worker(config, int(workers))
     tc = config.tune
     trainable = tune.with_resources(
         tune.with_parameters(

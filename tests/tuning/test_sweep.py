@@ -133,15 +133,23 @@ def test_each_trial_splits_its_share_over_its_own_workers() -> None:
     """`tune.cpus_per_trial` / `gpus_per_trial` are per trial, whatever `num_workers` that trial has."""
     from pipeline.train import worker_resources
     from tuning.space import trial_config
-    from tuning.sweep import sweep_config
+    from tuning.sweep import split_trial_share, sweep_config
 
-    config = load_config(None, ["tune.cpus_per_trial=2", "tune.gpus_per_trial=1", "pretrain.num_workers=1"])
+    config = load_config(
+        None,
+        ["tune.cpus_per_trial=2", "tune.gpus_per_trial=1", "pretrain.num_workers=1", "tune.eval_every=5"],
+    )
     base = sweep_config(config).model_dump()
     for workers in (1, 4):
-        trial = sweep_config(trial_config(base, {"pretrain.num_workers": workers}))
+        params = {"pretrain.num_workers": workers, "pretrain.eval_every": 7}
+        trial = split_trial_share(trial_config(base, params), params)
         resources = worker_resources(trial)
         assert resources["CPU"] * workers == pytest.approx(2.0)
         assert resources["GPU"] * workers == pytest.approx(1.0)
+        assert trial.pretrain.eval_every == 7  # a swept key keeps the trial's value
+    three = load_config(None, ["tune.gpus_per_trial=3", "pretrain.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"1\.5 GPUs each"):
+        sweep_config(three)
 
 
 def test_a_diverged_report_carries_every_metric_tune_may_watch() -> None:
