@@ -52,8 +52,10 @@ STATE_VERSION = 1
 HISTORY_LIMIT = 200  # runs kept per schedule in the state
 DEFAULT_COMMAND = ("maskdiet", "run", "--previous", "latest")  # --config C is added at submission
 ACTIVE = frozenset({"PENDING", "RUNNING"})
-# LOST: the cluster no longer knows the job (its head restarted without GCS fault tolerance)
+# LOST: the cluster no longer knows the job (its head restarted without GCS fault tolerance); a run is LOST
+# when two refreshes in a row get no such job, so one proxy 404 during a restart does not end it
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED", "LOST"})
+UNKNOWN_ONCE = "not found on the cluster once"
 # Kubernetes names and Ray submission ids both accept this: lower-case DNS labels.
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
@@ -329,12 +331,17 @@ def refresh(state: State, submitter: Submitter, name: str | None = None) -> None
         except Exception as e:  # an unreachable cluster must not stop the other schedules
             log.warning("cannot refresh %s: %s", run.submission_id, e)
             continue
-        if status is None:  # answered, but without this job: it will never finish, so it must not block
-            run.status = "LOST"
-            run.message = "the cluster no longer knows this job (was its head restarted?)"
-            log.warning("%s: %s", run.submission_id, run.message)
+        if status is None:  # answered, but without this job
+            if run.message.startswith(UNKNOWN_ONCE):  # the second answer in a row: it will never finish
+                run.status = "LOST"
+                run.message = "the cluster no longer knows this job (was its head restarted?)"
+                log.warning("%s: %s", run.submission_id, run.message)
+            else:  # maybe a proxy's 404 while the head restarts: ask again at the next refresh
+                run.message = f"{UNKNOWN_ONCE} at {_iso(dt.datetime.now(dt.UTC))}"
         else:
             run.status = status
+            if run.message.startswith(UNKNOWN_ONCE):
+                run.message = ""
 
 
 def _handle_slot(

@@ -117,18 +117,38 @@ def test_running_previous_makes_the_next_slot_skipped(tmp_path: Path, config_fil
 
 
 def test_a_job_the_cluster_forgot_is_lost_and_frees_the_next_slot(tmp_path: Path, config_file: Path) -> None:
-    """A head restarted without GCS fault tolerance forgets its jobs: a run it no longer knows is LOST (a
-    final state), so `skip` does not skip every later slot behind it."""
+    """A head restarted without GCS fault tolerance forgets its jobs: a run it no longer knows at two refreshes
+    in a row is LOST (a final state), so `skip` does not skip every later slot behind it. One answer without
+    the job (a proxy's 404 while the head restarts) is not enough."""
     state = str(tmp_path / "state.json")
     _add(state, config_file)
     cluster = FakeCluster()
     run_due(state, now=at(1, 3, 5), submitter=cluster)
-    del cluster.jobs[submission_id_for("nightly", at(1))]  # the restarted head has no record of it
-    day2 = run_due(state, now=at(2, 3, 5), submitter=cluster)
-    assert [r.outcome for r in day2] == ["submitted"]
+    first = submission_id_for("nightly", at(1))
+    del cluster.jobs[first]  # the restarted head has no record of it
+    assert [r.outcome for r in run_due(state, now=at(2, 3, 5), submitter=cluster)] == ["skipped"]
+    day3 = run_due(state, now=at(3, 3, 5), submitter=cluster)
+    assert [r.outcome for r in day3] == ["submitted"]
     runs = history(state, "nightly", submitter=cluster)
-    assert [(r.due[:10], r.status) for r in runs] == [("2026-01-01", "LOST"), ("2026-01-02", "RUNNING")]
+    assert [(r.due[:10], r.status) for r in runs] == [
+        ("2026-01-01", "LOST"),
+        ("2026-01-02", ""),
+        ("2026-01-03", "RUNNING"),
+    ]
     assert "no longer knows" in runs[0].message
+
+
+def test_one_miss_then_the_job_again_keeps_it_running(tmp_path: Path, config_file: Path) -> None:
+    state = str(tmp_path / "state.json")
+    _add(state, config_file)
+    cluster = FakeCluster()
+    run_due(state, now=at(1, 3, 5), submitter=cluster)
+    sid = submission_id_for("nightly", at(1))
+    del cluster.jobs[sid]
+    history(state, "nightly", submitter=cluster)  # one refresh without the job
+    cluster.jobs[sid] = "RUNNING"  # the head is back, with its jobs
+    (run,) = history(state, "nightly", submitter=cluster)
+    assert (run.status, run.message) == ("RUNNING", "")
 
 
 def test_queue_waits_for_the_previous_run_then_submits(tmp_path: Path, config_file: Path) -> None:
