@@ -64,9 +64,13 @@ def score_cache_url(config: Config, previous_dir: str | None) -> str:
     so = config.data.storage_options
     if previous_dir and exists(join(previous_dir, "config.yaml"), so):
         saved = yaml.safe_load(read_bytes(join(previous_dir, "config.yaml"), so)) or {}
-        url = (saved.get("score") or {}).get("cache_url")
-        if url:
-            return str(url)
+        url = str((saved.get("score") or {}).get("cache_url") or "")
+        if url and url == join(str(saved.get("output", "")), "score_cache") and "/runs/" in previous_dir:
+            # the default place, <output>/score_cache: beside the run's own runs/ folder, wherever it is
+            # now (a relative output was relative to that run's working folder)
+            return join(previous_dir.rsplit("/runs/", 1)[0], "score_cache")
+        if url and ("://" in url or url.startswith("/")):
+            return url
     return join(config.output, "score_cache")
 
 

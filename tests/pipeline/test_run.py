@@ -118,3 +118,7 @@ def test_previous_run_lends_its_score_cache_across_outputs(tmp_path: Path) -> No
     assert score_cache_url(new, None) == f"{tmp_path / 'new'}/score_cache"
     pinned = load_config(None, [f"output={tmp_path / 'new'}", "score.cache_url=s3://b/cache"])
     assert score_cache_url(pinned, str(old_run)) == "s3://b/cache"
+    # The default output is relative: its cache is found beside that run's runs/ folder, not in this cwd.
+    relative = load_config(None, ["output=maskdiet-output", "score.cache_url=maskdiet-output/score_cache"])
+    (old_run / "config.yaml").write_text(dump_config(relative))
+    assert score_cache_url(new, str(old_run)) == f"{tmp_path / 'old'}/score_cache"
