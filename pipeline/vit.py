@@ -6,7 +6,8 @@ encoder built from them loads into timm's `VisionTransformer` unchanged (see `pi
 
 Why not import them from timm: `import timm` pulls in torchvision and torch._dynamo, about 4 s on a
 2-core machine, and every Ray Train worker and Tune trial pays it on start-up for two small classes.
-timm stays a dependency for evaluation (`timm_encoder`) and the ResNet scorer, imported where used.
+timm stays a dependency for the ResNet scorer and for users loading `encoder.pth` (`timm_encoder`), imported
+only there.
 """
 
 from __future__ import annotations
