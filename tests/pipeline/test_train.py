@@ -130,3 +130,19 @@ def test_non_finite_loss_stops_with_a_message(ray_cluster, s3_manifest, s3_bucke
     )
     with pytest.raises(TrainingDiverged, match="non-finite loss"):
         pretrain(config, manifest, output, run_name="diverge")
+
+
+def test_a_validation_image_deleted_since_curation_is_left_out(tmp_path, caplog) -> None:
+    """The held-out images are decoded once in the driver; one that is gone is skipped with a warning,
+    it does not end the run."""
+    from pipeline.train import _validation_images
+
+    images = str(tmp_path / "images")
+    write_demo_data(images, DemoSpec(per_class=1, seed=4, image_format="png"))
+    paths = list_images(load_config(overrides=[f"data.input={images}"]).data).paths[:4]
+    config = load_config(overrides=[f"data.input={images}", "decode.image_size=32"])
+    url_to_fs(paths[2])[0].rm_file(paths[2])
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        decoded = _validation_images(config, paths)
+    assert decoded.shape == (3, 32, 32, 3) and decoded.any(axis=(1, 2, 3)).all()
+    assert "1 validation image(s) left out" in caplog.text and "missing" in caplog.text

@@ -132,3 +132,23 @@ def test_stage_keeps_going_past_bad_rows() -> None:
     assert "sha256" not in unhashed and unhashed["ok"].tolist() == out["ok"].tolist()
     assert set(DecodeStage(OPTIONS, hash_bytes=False).produces) == set(DecodeStage.produces) - {"sha256"}
     assert np.array_equal(unhashed["image"], out["image"])
+
+
+@pytest.mark.parametrize("where", ["open", "load"])
+def test_any_decoder_exception_is_a_quarantine_reason(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged file can make a PIL plugin raise what no list foresees (struct.error, IndexError, ...):
+    the stage quarantines it as corrupt and goes on with the batch, it never raises."""
+    import struct
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    data = encode(Image.new("RGB", (8, 8)), "PNG")
+    if where == "open":
+        monkeypatch.setattr("stages.decode.Image.open", broken)
+    else:
+        monkeypatch.setattr("PIL.ImageFile.ImageFile.load", broken)
+    batch = {"path": np.asarray(["a.png"], dtype=object), "bytes": np.asarray([data], dtype=object)}
+    out = DecodeStage(DecodeOptions(image_size=8))(batch)
+    assert out["ok"].tolist() == [False] and out["reason"][0] in ("corrupt", "truncated")
+    assert "struct" in out["error"][0] or "unpack" in out["error"][0]
