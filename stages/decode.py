@@ -89,7 +89,9 @@ def _unreadable(data: bytes, message: str) -> tuple[str, str]:
     return reason, f"{fmt}: {message}"
 
 
-def _open(data: bytes, options: DecodeOptions) -> Image.Image:
+def _open(data: bytes | None, options: DecodeOptions) -> Image.Image:
+    if data is None:
+        raise BadImage("missing", "the object was deleted since it was listed")
     if len(data) == 0:
         raise BadImage("empty", "zero-byte object")
     if len(data) > options.max_bytes:
@@ -122,9 +124,8 @@ def _load(image: Image.Image, size: int) -> Image.Image:
         if image.format == "JPEG":
             image.draft(image.mode if image.mode in ("RGB", "L") else None, (size, size))
         image.load()
-    except (
-        Exception
-    ) as e:  # OSError, SyntaxError, DecompressionBombError, struct.error from a damaged header ...
+    # OSError, SyntaxError, DecompressionBombError, struct.error from a damaged header, ...
+    except Exception as e:
         message = f"{type(e).__name__}: {e}"
         lowered = message.lower()
         reason = (
@@ -162,8 +163,9 @@ def _resize(image: Image.Image, size: int, policy: str) -> Image.Image:
     return image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
 
 
-def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray:
-    """Decode one object to an `image_size`×`image_size`×3 uint8 array; raises `BadImage` with a reason."""
+def decode_image(data: bytes | None, options: DecodeOptions) -> np.ndarray:
+    """Decode one object (None: deleted since listing) to an `image_size`×`image_size`×3 uint8 array; raises
+    `BadImage` with a reason."""
     image = _open(data, options)
     image = _load(image, options.image_size)
     try:
@@ -206,12 +208,10 @@ class DecodeStage:
         images = np.zeros((n, size, size, 3), dtype=np.uint8)
         sha, ok, reason, error = [], np.zeros(n, dtype=bool), [], []
         for i, blob in enumerate(blobs):
-            data = bytes(blob) if blob is not None else b""
+            data = bytes(blob) if blob is not None else None
             if self.hash_bytes:
-                sha.append(hashlib.sha256(data).hexdigest() if blob is not None else "")
+                sha.append(hashlib.sha256(data).hexdigest() if data is not None else "")
             try:
-                if blob is None:
-                    raise BadImage("missing", "the object was deleted since it was listed")
                 images[i] = decode_image(data, self.options)
                 ok[i] = True
                 reason.append("ok")
