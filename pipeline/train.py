@@ -55,7 +55,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config
-from pipeline.mae import MaskedAutoencoder, build_mae, encoder_bytes, normalize_images, size_of
+from pipeline.mae import MaskedAutoencoder, encoder_bytes, normalize_images, size_of
 from pipeline.masking import Masker, lr_at, mask_ratio_at
 from pipeline.storage import atomic_write_bytes, is_local, join, pyarrow_filesystem, url_to_fs
 
@@ -128,15 +128,13 @@ def _storage(output: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
 
 def _validation_images(config: Config, paths: list[str]) -> np.ndarray:
     """The held-out images, decoded once; any that no longer decode are left out with a warning."""
-    from stages.stream import decode_here
+    from stages.stream import decode_flagged
 
-    images, failed = decode_here(paths, config)
-    if failed:
-        i, error = next(iter(failed.items()))
-        log.warning("%d validation image(s) left out: %s (%s)", len(failed), paths[i], error.reason)
-    keep = np.ones(len(paths), dtype=bool)
-    keep[list(failed)] = False
-    return images[keep]
+    images, ok, reasons = decode_flagged(paths, config)
+    if reasons:
+        path, reason = next(iter(reasons.items()))
+        log.warning("%d validation image(s) left out: %s (%s)", len(reasons), path, reason)
+    return images[ok]
 
 
 def build_trainer(
@@ -416,13 +414,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from stages.stream import image_size
 
-    model = build_mae(
-        pre.model,
-        img_size=image_size(config),
-        decoder_dim=pre.decoder_dim,
-        decoder_depth=pre.decoder_depth,
-        norm_pix_loss=pre.norm_pix_loss,
-        loss_head=pre.mask.strategy == "hard-patch",
+    model = MaskedAutoencoder(
+        size_of(config), norm_pix_loss=pre.norm_pix_loss, loss_head=pre.mask.strategy == "hard-patch"
     ).to(device)  # on the device before the optimizer exists, so resumed optimizer state lands there too
     global_batch = pre.batch_size * world
     peak_lr = pre.base_lr * global_batch / 256

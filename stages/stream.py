@@ -214,10 +214,7 @@ def decode_cache(frame: pd.DataFrame, config: Config) -> DecodedCache:
     that no longer decode are left out with a warning, as the stream would drop them."""
     listing = listing_of(frame)
     if len(listing) <= DECODE_HERE_MAX:
-        images, failed = decode_here(listing.paths, config)
-        ok = np.ones(len(listing), dtype=bool)
-        ok[list(failed)] = False
-        reasons = {listing.paths[i]: e.reason for i, e in failed.items()}
+        images, ok, reasons = decode_flagged(listing.paths, config)
     else:
         images, ok, reasons = _decode_with_ray_data(listing, config)
     if reasons:
@@ -318,6 +315,17 @@ def load_images(paths: list[str], config: Config, size: int | None = None, threa
     return images
 
 
+def decode_flagged(
+    paths: list[str], config: Config, size: int | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """`decode_here` as `_decode_with_ray_data` answers: (images in path order, decoded or not,
+    {path: quarantine reason})."""
+    images, failed = decode_here(paths, config, size)
+    ok = np.ones(len(paths), dtype=bool)
+    ok[list(failed)] = False
+    return images, ok, {paths[i]: e.reason for i, e in failed.items()}
+
+
 def decode_here(
     paths: list[str], config: Config, size: int | None = None, threads: int = 8
 ) -> tuple[np.ndarray, dict[int, BadImage]]:
@@ -336,8 +344,6 @@ def decode_here(
         blobs = read({"path": np.asarray(chunk, dtype=object)})["bytes"]
         for i, blob in enumerate(blobs, start=first):
             try:
-                if blob is None:
-                    raise BadImage("missing", "the object was deleted since it was listed")
                 out[i] = decode_image(blob, options)
             except BadImage as e:
                 failed[i] = e

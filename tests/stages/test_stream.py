@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.config import Config, load_config
@@ -123,31 +124,35 @@ def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decode
         one
     )
 
+    here_max = stream.DECODE_HERE_MAX
+
+    def cached_both_ways() -> list[tuple[pd.DataFrame, str]]:
+        """decode_cache in this process and through Ray Data: (its frame, the warnings) for each."""
+        out = []
+        for limit in (here_max, 0):
+            monkeypatch.setattr(stream, "DECODE_HERE_MAX", limit)
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="stages.stream"):
+                out.append((decode_cache(train, config).frame, caplog.text))
+        return out
+
     # An object overwritten since curation is left out, with a warning naming it.
     broken = str(train["path"].iloc[0])
     with fsspec.open(broken, "wb") as f:
         f.write(b"not an image any more")
-    for here_max in (stream.DECODE_HERE_MAX, 0):
-        monkeypatch.setattr(stream, "DECODE_HERE_MAX", here_max)
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="stages.stream"):
-            cache = decode_cache(train, config)
-        assert len(cache.frame) == len(train) - 1 and broken not in set(cache.frame["path"])
-        assert "1 training image(s) no longer decode" in caplog.text and broken in caplog.text
-        assert "not-an-image" in caplog.text
+    for frame, text in cached_both_ways():
+        assert len(frame) == len(train) - 1 and broken not in set(frame["path"])
+        assert "1 training image(s) no longer decode" in text and broken in text
+        assert "not-an-image" in text
     # The stream from storage leaves it out as well.
     streamed_now = _digest_pairs(training_dataset(train, config, epochs=1, seed=3).iter_batches(batch_size=8))
     assert len(streamed_now) == len(train) - 1
     # An object deleted since curation is left out too (`missing`), by both paths: the run goes on.
     gone = str(train["path"].iloc[1])
     fsspec.filesystem("s3").rm_file(gone)
-    for here_max in (stream.DECODE_HERE_MAX, 0):
-        monkeypatch.setattr(stream, "DECODE_HERE_MAX", here_max)
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="stages.stream"):
-            cache = decode_cache(train, config)
-        assert len(cache.frame) == len(train) - 2 and gone not in set(cache.frame["path"])
-        assert "2 training image(s) no longer decode" in caplog.text and "missing 1" in caplog.text
+    for frame, text in cached_both_ways():
+        assert len(frame) == len(train) - 2 and gone not in set(frame["path"])
+        assert "2 training image(s) no longer decode" in text and "missing 1" in text
     streamed_now = _digest_pairs(training_dataset(train, config, epochs=1, seed=3).iter_batches(batch_size=8))
     assert len(streamed_now) == len(train) - 2
 
