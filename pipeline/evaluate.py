@@ -5,8 +5,8 @@
 The encoder (`encoder.pth`, timm ViT keys) is loaded into our MAE's encoder, frozen, and turned into one
 feature per image (`evaluate.pool`: the CLS token or the mean of the patch tokens, after the final norm).
 Its `encode` computes timm's `VisionTransformer.forward_features` on the same weights (tested in
-tests/pipeline/test_mae.py), without importing timm, which costs about 5 s on 2 cores. The labeled images are split once (seeded, `evaluate.holdout` to test) and both probes
-use the same split:
+tests/pipeline/test_mae.py), without importing timm, which costs about 5 s on 2 cores. The labeled images
+are split once (seeded, `evaluate.holdout` to test) and both probes use the same split:
 
 - kNN (DINO's weighted kNN): cosine similarity to every training feature, the k = 20 nearest vote with
   weight exp(sim / T), T = 0.07; the class with the largest summed weight wins.

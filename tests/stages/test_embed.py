@@ -24,6 +24,19 @@ def load_folder(root: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
+def unlabeled(images: np.ndarray) -> Decoded:
+    """`images` as curate's decode step hands them to scoring, without labels."""
+    frame = pd.DataFrame(
+        {
+            "path": [f"mem://x/{i:04d}.png" for i in range(len(images))],
+            "sha256": [f"{i:064x}" for i in range(len(images))],
+            "label": np.full(len(images), -1, dtype=np.int64),
+            "class_name": "",
+        }
+    )
+    return Decoded(frame=frame, images=images, quarantine=pd.DataFrame(), classes=[])
+
+
 def test_prototype_distance_flags_points_far_from_every_cluster() -> None:
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 10, size=(3, 8))
@@ -60,15 +73,7 @@ def test_label_free_prototype_scores_flag_foreign_images(ray_cluster: None, tmp_
     digits, shapes = load_folder(tmp_path / "digits"), load_folder(tmp_path / "shapes")
     images = np.concatenate([digits, shapes])
     foreign = np.r_[np.zeros(len(digits), bool), np.ones(len(shapes), bool)]
-    frame = pd.DataFrame(
-        {
-            "path": [f"mem://x/{i:04d}.png" for i in range(len(images))],
-            "sha256": [f"{i:064x}" for i in range(len(images))],
-            "label": np.full(len(images), -1, dtype=np.int64),
-            "class_name": "",
-        }
-    )
-    decoded = Decoded(frame=frame, images=images, quarantine=pd.DataFrame(), classes=[])
+    decoded = unlabeled(images)
     config = load_config(
         None,
         [
@@ -116,15 +121,7 @@ def test_prototype_scores_with_an_encoder_train_no_proxies(tmp_path: Path) -> No
     url = export_encoder(build_mae("mae_vit_micro_patch4", img_size=32), str(tmp_path / "encoder.pth"))
     write_demo_data(str(tmp_path / "d"), DemoSpec(per_class=3, seed=8, image_format="png"))
     images = load_folder(tmp_path / "d")
-    frame = pd.DataFrame(
-        {
-            "path": [f"mem://x/{i:04d}.png" for i in range(len(images))],
-            "sha256": [f"{i:064x}" for i in range(len(images))],
-            "label": np.full(len(images), -1, dtype=np.int64),
-            "class_name": "",
-        }
-    )
-    decoded = Decoded(frame=frame, images=images, quarantine=pd.DataFrame(), classes=[])
+    decoded = unlabeled(images)
     overrides = [
         "score.method=prototype",
         f"score.encoder={url}",
