@@ -69,10 +69,10 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
-def make_config(config: str | None, overrides: list[str] | None, **base: object) -> Config:
-    """Defaults ← FILE ← command-line flags ← --set."""
+def make_config(config: str | None, overrides: list[str] | None, **flags: object) -> Config:
+    """Defaults ← FILE ← command-line flags ← --set: a flag given on the command line wins over the file."""
     nested: dict[str, object] = {}
-    for dotted, value in base.items():
+    for dotted, value in flags.items():
         if value is None:
             continue
         node = nested
@@ -80,7 +80,7 @@ def make_config(config: str | None, overrides: list[str] | None, **base: object)
         for p in parents:
             node = node.setdefault(p, {})  # type: ignore[assignment]
         node[leaf] = value
-    return load_config(config, overrides or [], base=nested)
+    return load_config(config, overrides or [], flags=nested)
 
 
 @contextlib.contextmanager

@@ -336,13 +336,17 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults ← `base` ← the YAML file at `path` ← `--set` overrides, validated into a `Config`."""
+    """Defaults ← `base` ← the YAML file at `path` ← `flags` (a command's own options) ← `--set`
+    overrides, validated into a `Config`."""
     data = default_dict()
     if base:
         data = _merge(data, base)
     if path is not None:
         data = _merge(data, read_yaml(path))
+    if flags:
+        data = _merge(data, flags)
     for assignment in overrides:
         apply_override(data, assignment)
     _absolute_paths(data)

@@ -79,3 +79,16 @@ def test_the_example_demo_is_the_embedded_demo() -> None:
     embedded = load_config(str(files("pipeline") / "demo.yaml"))
     example = load_config(Path(__file__).parents[2] / "examples" / "demo.yaml")
     assert example.pretrain == embedded.pretrain and example.prune == embedded.prune
+
+
+def test_command_flags_beat_the_file_and_set_beats_both(tmp_path: Path) -> None:
+    from pipeline.cli import make_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("output: from-file\npretrain:\n  steps: 50\n  num_workers: 2\n")
+    config = make_config(str(path), None, pretrain__steps=20, pretrain__num_workers=None)
+    assert config.pretrain.steps == 20  # `maskdiet pretrain -c run/config.yaml --steps 20` trains 20 steps
+    assert config.pretrain.num_workers == 2  # a flag left out keeps the file's value
+    assert config.output.endswith("from-file")
+    config = make_config(str(path), ["pretrain.steps=30"], pretrain__steps=20)
+    assert config.pretrain.steps == 30
