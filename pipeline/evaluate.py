@@ -214,26 +214,15 @@ def labeled_paths(data_url: str, config: Config) -> tuple[list[str], np.ndarray]
 def load_labeled(data_url: str, config: Config, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Decode the labeled images at `size`: (images (N, S, S, 3) uint8, labels (N,)). Objects that do not
     decode are skipped (the evaluation set may be a raw folder with bad files)."""
-    from stages.decode import BadImage
-    from stages.stream import load_images
+    from stages.stream import decode_flagged
 
     paths, labels = labeled_paths(data_url, config)
-    images, keep = [], []
-    for start in range(0, len(paths), 256):
-        chunk = paths[start : start + 256]
-        try:
-            images.append(load_images(chunk, config, size))
-            keep.extend(range(start, start + len(chunk)))
-        except BadImage:
-            for i, path in enumerate(chunk):  # the slow path, only for chunks holding a bad file
-                try:
-                    images.append(load_images([path], config, size))
-                    keep.append(start + i)
-                except BadImage:
-                    log.info("evaluate: skipping %s (does not decode)", path)
-    if not keep:
+    images, ok, reasons = decode_flagged(paths, config, size)
+    for path, reason in reasons.items():
+        log.info("evaluate: skipping %s (%s)", path, reason)
+    if not ok.any():
         raise ValueError(f"no decodable labeled images under {data_url}")
-    return np.concatenate(images), labels[np.asarray(keep)]
+    return images[ok], labels[ok]
 
 
 # ---------------------------------------------------------------------------------------------- entry

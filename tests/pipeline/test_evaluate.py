@@ -118,3 +118,26 @@ def test_encoder_weights_must_match_the_size() -> None:
     del state["norm.bias"]
     with pytest.raises(ValueError, match=r"missing \['norm\.bias'\]"):
         encoder_from_state(size, state)
+
+
+def test_labeled_images_skip_bad_files_and_keep_labels_aligned(tmp_path) -> None:
+    from PIL import Image
+
+    from pipeline.evaluate import load_labeled
+
+    folder = tmp_path / "labeled"
+    for label, value in ((0, 40), (1, 200)):
+        (folder / f"class{label}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (value, value, value)).save(folder / f"class{label}" / f"{i}.png")
+    (folder / "class0" / "1b.png").write_bytes(b"not an image")  # between good files of class 0
+    (folder / "class1" / "0a.png").write_bytes(b"")
+    config = load_config()
+    images, labels = load_labeled(str(folder), config, 8)
+    assert images.shape == (6, 8, 8, 3) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert (images[labels == 0] == 40).all() and (images[labels == 1] == 200).all()  # each with its label
+
+    for path in folder.rglob("*.png"):
+        path.write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="no decodable labeled images"):
+        load_labeled(str(folder), config, 8)
