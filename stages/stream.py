@@ -279,8 +279,8 @@ def cached_batches(
     (counted round the sequence): a resumed run picks up mid-epoch where its checkpoint left off.
 
     The workers take the rows straight from the shared array: with nothing to read or decode, a Ray Data
-    pipeline would only add its scheduler, which in Ray 2.60 polls without pause while quick tasks wait on
-    a slower trainer (measured: a core busy, training on 2 cores at a third of its speed)."""
+    pipeline would only add its scheduler (which, held back by a slower trainer, spun a core until
+    `pipeline.runtime.IdleWait`)."""
     images = ray.get(cache.images)  # on the same node: a read-only view of the shared array, no copy
     paths = cache.frame["path"].to_numpy()
     labels = cache.frame["label"].to_numpy(dtype=np.int64)
