@@ -138,7 +138,18 @@ def curate(config: Config, progress: Progress | None = None, output: str | None 
         outcome = score_decoded(decoded, config, progress=progress)
         frame = prune(outcome.frame, config.prune)
         score_counts = {"scored": outcome.scored, "cached": outcome.cached}
+    elif config.prune.policy == "random" and len(frame):  # the random baseline needs no score
+        from stages.prune import prune
+
+        frame["score"] = np.nan
+        frame = prune(frame, config.prune)
     else:
+        if not scoring and config.prune.policy != "none":
+            log.info(
+                "score.method=none: prune.policy=%s needs scores, so every image is kept "
+                "(prune.policy=random prunes without them)",
+                config.prune.policy,
+            )
         frame["score"] = np.nan
         frame["kept"] = True
         frame["reason"] = "kept"
