@@ -69,6 +69,13 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
+def one_config(positional: str | None, option: str | None) -> str | None:
+    """The config file given as the CONFIG argument or as --config; both at once is an error, not a choice."""
+    if positional and option and positional != option:
+        raise ConfigError(f"two config files ({positional} and --config {option}): give one")
+    return positional or option
+
+
 def make_config(config: str | None, overrides: list[str] | None, **flags: object) -> Config:
     """Defaults ← FILE ← command-line flags ← --set: a flag given on the command line wins over the file."""
     nested: dict[str, object] = {}
@@ -379,7 +386,7 @@ def run(
 
     setup_logging(verbose)
     with user_errors():
-        path = config_file or config
+        path = one_config(config_file, config)
         demo = path is None
         base = (
             yaml.safe_load(importlib.resources.files("pipeline").joinpath("demo.yaml").read_text())
@@ -392,7 +399,8 @@ def run(
         from pipeline.mae import size_of
 
         size_of(cfg)  # before any image is read: the model settings would fail only at pretraining
-        if demo:
+        if demo and cfg.data.input == load_config(None, base=base).data.input:
+            # only into the demo's own folder: `run --set data.input=URL` reads that data as it is
             _ensure_demo_data(cfg.data.input, cfg.data.storage_options)
         with ray_session(cfg.ray), progress_display() as progress:
             result = run_pipeline(cfg, previous=previous, progress=progress)  # type: ignore[arg-type]
@@ -470,7 +478,7 @@ def sweep(
 
     setup_logging(verbose)
     with user_errors():
-        cfg = make_config(config_file or config, set_, tune__name=name, tune__manifest=manifest)
+        cfg = make_config(one_config(config_file, config), set_, tune__name=name, tune__manifest=manifest)
         if not resume:
             build_search_space(cfg)  # a bad space fails here, before Ray starts
         with ray_session(cfg.ray):

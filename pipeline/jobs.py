@@ -219,8 +219,9 @@ def prepare_submission(
     if config is not None:
         if not is_maskdiet:
             raise ValueError(f"--config is passed to maskdiet commands only; the command is {tokens[0]!r}")
-        if _option_value(tokens, "--config", "-c") is not None:
-            raise ValueError("give --config either to `jobs submit` or to the command, not both")
+        positional = subcommand in ("run", "sweep") and len(tokens) > 2 and not tokens[2].startswith("-")
+        if positional or _option_value(tokens, "--config", "-c") is not None:
+            raise ValueError("give the config either to `jobs submit --config` or to the command, not both")
         if "://" in config:
             ref = config
         else:

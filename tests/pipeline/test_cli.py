@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.demo_data import DemoSpec, write_demo_data
 
 runner = CliRunner()
 
@@ -84,3 +85,30 @@ def test_missing_bucket_is_one_line_error(ray_cluster: None, s3_server: str, tmp
     assert (
         result.exit_code == 2 and "no-such-bucket-here" in result.output and "Traceback" not in result.output
     )
+
+
+def test_run_writes_demo_images_only_into_the_demo_folder(ray_cluster: None, tmp_path: Path) -> None:
+    """`maskdiet run --set data.input=URL` (no CONFIG) reads URL as it is: no demo images are written there."""
+    mine = tmp_path / "my-images"
+    result = runner.invoke(app, ["run", "--set", f"data.input={mine}", "--set", f"output={tmp_path / 'o'}"])
+    assert result.exit_code == 2 and "input not found" in result.output, result.output
+    assert not mine.exists()
+
+
+def test_two_config_files_are_an_error(tmp_path: Path) -> None:
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("pretrain:\n  steps: 5\n")
+    for command in ("run", "sweep"):
+        result = runner.invoke(app, [command, str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml")])
+        assert result.exit_code == 2 and "two config files" in result.output, result.output
+
+
+def test_random_pruning_needs_no_scores(ray_cluster: None, tmp_path: Path) -> None:
+    """`curate --score none --policy random --keep 0.5` draws the random baseline (it used to keep all)."""
+    write_demo_data(str(tmp_path / "img"), DemoSpec(per_class=4, seed=3))
+    args = ["curate", "-i", str(tmp_path / "img"), "-o", str(tmp_path / "o"), "--score", "none"]
+    result = runner.invoke(app, [*args, "--policy", "random", "--keep", "0.5"])
+    assert result.exit_code == 0, result.output
+    manifest = pd.read_parquet(tmp_path / "o" / "manifest.parquet")
+    assert len(manifest) == 40 and manifest["kept"].sum() == 20
+    assert set(manifest.loc[~manifest["kept"], "reason"]) == {"pruned:random"}
