@@ -290,13 +290,16 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file (local path or fsspec URL) into a dict; a clear error if missing or bad."""
-    import fsspec
+    from pipeline.storage import StorageError, url_to_fs
 
     try:
-        with fsspec.open(str(path), "r") as f:
+        fs, inner = url_to_fs(str(path))
+        with fs.open(inner, "r") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if data is None:

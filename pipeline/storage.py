@@ -45,7 +45,14 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
         # Buckets change under us (other writers, the next scheduled run): a cached listing would hide new
         # objects, and s3fs even answers "not found" for an object missing from a cached parent listing.
         options.setdefault("use_listings_cache", False)
-    fs, path = fsspec.core.url_to_fs(url, **options)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except ImportError as e:  # fsspec names the package: "Please install gcsfs to access Google Storage"
+        raise StorageError(f"cannot open {url}: {e} (pip install it beside maskdiet)") from None
+    except ValueError as e:
+        if "Protocol not known" not in str(e):
+            raise
+        raise StorageError(f"cannot open {url}: {e} (a typo in the URL's scheme?)") from None
     return fs, path
 
 

@@ -112,3 +112,22 @@ def test_random_pruning_needs_no_scores(ray_cluster: None, tmp_path: Path) -> No
     manifest = pd.read_parquet(tmp_path / "o" / "manifest.parquet")
     assert len(manifest) == 40 and manifest["kept"].sum() == 20
     assert set(manifest.loc[~manifest["kept"], "reason"]) == {"pruned:random"}
+
+
+def test_an_unusable_url_scheme_is_one_line_error(tmp_path: Path) -> None:
+    """A scheme whose package is missing (as gs:// without gcsfs) or that fsspec does not know is named in one
+    line with exit code 2, whether it is the input, the output or the config file."""
+    import fsspec
+
+    fsspec.register_implementation(
+        "missingfs", "maskdiet_no_such_package.FileSystem", errtxt="Please install missingfs", clobber=True
+    )
+    for scheme, says in (("missingfs", "Please install missingfs"), ("nope", "Protocol not known: nope")):
+        for args in (
+            ["demo-data", f"{scheme}://bucket/digits"],
+            ["curate", "-i", f"{scheme}://bucket/train", "-o", str(tmp_path)],
+            ["curate", "-i", str(tmp_path), "--config", f"{scheme}://bucket/c.yaml"],
+        ):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2, (args, result.output)
+            assert says in result.output and "Traceback" not in result.output
