@@ -736,13 +736,15 @@ def schedule_add(
     with user_errors():
         cfg = make_config(config, set_)
         state_url, so = _schedule_context(config, set_, state)
+        # `--set schedule.*` shapes the schedule; every other --set travels with each slot's command
+        run_sets = [s for s in set_ or [] if not s.strip().startswith("schedule.")]
         sched = add_schedule(
             state_url,
             name,
             cron,
             config,
             address=address,
-            command=shlex.split(command),
+            command=[*shlex.split(command), *(t for s in run_sets for t in ("--set", s))],
             concurrency=concurrency or cfg.schedule.concurrency,
             catch_up=catch_up or cfg.schedule.catch_up,
             misfire_grace_s=cfg.schedule.misfire_grace_s,

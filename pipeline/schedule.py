@@ -653,6 +653,12 @@ def export_manifest(
                 "a k8s-cronjob needs the schedule state in object storage (the pod has no disk that lasts): "
                 "pass --state s3://bucket/maskdiet/schedules.json"
             )
+        if "://" not in schedule.config:
+            raise ScheduleError(
+                f"a k8s-cronjob's pod submits the schedule's config, and {schedule.config} is a local file it "
+                "does not have: add the schedule with --config s3://bucket/config.yaml (or export a raycronjob, "
+                "which ships the file in a ConfigMap)"
+            )
         policy = {"skip": "Forbid", "queue": "Forbid", "replace": "Replace"}[schedule.concurrency]
         container = {
             "name": "run-due",

@@ -251,16 +251,21 @@ def test_bad_schedules_are_refused(tmp_path: Path, config_file: Path) -> None:
         _add(state, config_file)
     with pytest.raises(ScheduleError, match="object storage"):
         export_manifest(load_state(state).schedules["nightly"], "k8s-cronjob", state_url=state)
+    with pytest.raises(ScheduleError, match="local file"):  # the pod would fail every slot without it
+        export_manifest(load_state(state).schedules["nightly"], "k8s-cronjob", state_url="s3://b/s.json")
 
 
 def test_cli_add_list_export_remove(tmp_path: Path, config_file: Path) -> None:
     runner = CliRunner()
     state = f"file://{tmp_path}/state.json"
     common = ["--state", state]
+    sets = ["--set", "pretrain.steps=100", "--set", "schedule.concurrency=queue"]
     result = runner.invoke(
-        app, ["schedule", "add", "nightly", "--cron", "0 3 * * *", "--config", str(config_file), *common]
+        app,
+        ["schedule", "add", "nightly", "--cron", "0 3 * * *", "--config", str(config_file), *common, *sets],
     )
     assert result.exit_code == 0, result.output
+    assert load_state(state).schedules["nightly"].concurrency == "queue"
     result = runner.invoke(app, ["schedule", "list", *common])
     assert result.exit_code == 0 and "nightly" in result.output
     result = runner.invoke(app, ["schedule", "export", "nightly", "--format", "raycronjob", *common])
@@ -270,8 +275,8 @@ def test_cli_add_list_export_remove(tmp_path: Path, config_file: Path) -> None:
     assert docs[0]["data"]["config.yaml"] == config_file.read_text()
     assert docs[1]["spec"]["schedule"] == "0 3 * * *"
     assert docs[1]["spec"]["jobTemplate"]["entrypoint"] == (
-        "maskdiet run --previous latest --config /etc/maskdiet/config.yaml"
-    )
+        "maskdiet run --previous latest --set pretrain.steps=100 --config /etc/maskdiet/config.yaml"
+    )  # a --set outside schedule.* runs with every slot
     result = runner.invoke(app, ["schedule", "remove", "nightly", *common])
     assert result.exit_code == 0
     assert load_state(state).schedules == {}
