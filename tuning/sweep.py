@@ -266,6 +266,35 @@ def _prepare_manifest(config: Config, sweep_dir: str, progress: Any) -> str:
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "storage_options":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def ignored_on_resume(given: Config, saved: Config) -> list[str]:
+    """Settings given now (away from the defaults) that a resumed sweep does not use: it runs on with the
+    config it started with; only `data.*` (it carries credentials) and `tune.name` (it picks the sweep)
+    come from now."""
+    now, then, default = (
+        _flat(given.model_dump()),
+        _flat(saved.model_dump()),
+        _flat(load_config().model_dump()),
+    )
+    return [
+        f"{key}={now[key]!r}"
+        for key in sorted(now)
+        if now[key] != then.get(key)
+        and now[key] != default.get(key)
+        and not key.startswith(("data.", "run_id"))
+        and key != "tune.name"
+    ]
+
+
 def run_sweep(
     config: Config,
     *,
@@ -295,7 +324,13 @@ def run_sweep(
         if not exists(saved, so):
             raise ConfigError(f"nothing to resume at {sweep_dir}: {SWEEP_CONFIG} is missing")
         # Secrets are never written: take storage options from the config given now.
+        given = config
         config = load_config(saved, base=None, overrides=()).model_copy(update={"data": config.data})
+        ignored = ignored_on_resume(given, config)
+        if num_samples is not None and num_samples != config.tune.num_samples:
+            ignored.insert(0, f"--num-samples {num_samples} (the sweep has {config.tune.num_samples})")
+        if ignored:
+            log.warning("resuming %s with its saved config; ignored: %s", name, ", ".join(ignored))
         space = build_search_space(config)
     else:
         if num_samples is not None:

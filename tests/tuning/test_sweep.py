@@ -270,3 +270,17 @@ def test_sweep_interrupt_resume_asha_and_best_config(
     result = pretrain(short, demo_manifest, str(tmp_path / "best-run"))
     assert result.steps == EVAL_EVERY and np.isfinite(result.final_loss)
     assert Path(result.encoder_url).exists()
+
+
+def test_resume_names_the_settings_it_ignores(tmp_path: Path) -> None:
+    """A resumed sweep runs on with its saved config: what the user changed since is listed, nothing else."""
+    from pipeline.config import dump_config
+    from tuning.sweep import ignored_on_resume
+
+    started = load_config(None, ["pretrain.steps=40", "tune.manifest=/m/manifest.parquet", "tune.name=s1"])
+    saved = tmp_path / "sweep.yaml"
+    saved.write_text(dump_config(started))
+    again = load_config(None, ["pretrain.steps=40", "tune.name=s1"])
+    assert ignored_on_resume(again, load_config(saved)) == []  # defaults and the sweep's own keys: silent
+    changed = load_config(None, ["pretrain.steps=80", "tune.num_samples=9", "data.input=/elsewhere"])
+    assert ignored_on_resume(changed, load_config(saved)) == ["pretrain.steps=80", "tune.num_samples=9"]
