@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,9 +47,10 @@ class RunResult:
 
 
 def resolve_previous(output: str, previous: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """`latest` → the run dir recorded in `<output>/runs/latest` (None when there is none); else as given."""
+    """`latest` → the run dir recorded in `<output>/runs/latest` (None when there is none); else as given,
+    a relative local path made absolute (Train workers, which load its encoder, run in other folders)."""
     if previous != LATEST:
-        return previous.rstrip("/")
+        return previous.rstrip("/") if "://" in previous else os.path.abspath(previous)
     pointer = join(output, "runs", LATEST)
     if not exists(pointer, storage_options):
         return None

@@ -122,3 +122,12 @@ def test_previous_run_lends_its_score_cache_across_outputs(tmp_path: Path) -> No
     relative = load_config(None, ["output=maskdiet-output", "score.cache_url=maskdiet-output/score_cache"])
     (old_run / "config.yaml").write_text(dump_config(relative))
     assert score_cache_url(new, str(old_run)) == f"{tmp_path / 'old'}/score_cache"
+
+
+def test_previous_run_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--previous out/runs/r1` is resolved here: Train workers load its encoder from other folders."""
+    from pipeline.run import resolve_previous
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_previous("out", "out/runs/r1/") == str(tmp_path / "out" / "runs" / "r1")
+    assert resolve_previous("out", "s3://b/out/runs/r1/") == "s3://b/out/runs/r1"
