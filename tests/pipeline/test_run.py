@@ -63,7 +63,7 @@ def test_demo_from_a_clean_folder(ray_cluster: None, tmp_path: Path, monkeypatch
     assert summary["quarantined"] == len(quarantine) == 10
     assert summary["images_read"] == len(manifest) + len(quarantine) == 2010
     assert 0 < summary["noisy_pruned"] <= summary["noisy_total"]
-    assert summary["steps"] == 300 and summary["final_loss"] < 0.6 * summary["first_loss"]
+    assert summary["steps"] == 330 and summary["final_loss"] < 0.6 * summary["first_loss"]
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["knn_accuracy"] > evaluation["random_knn_accuracy"] + 0.03, evaluation
     assert evaluation["probe_accuracy"] > evaluation["random_probe_accuracy"] + 0.03, evaluation
