@@ -736,8 +736,7 @@ def schedule_add(
     with user_errors():
         cfg = make_config(config, set_)
         state_url, so = _schedule_context(config, set_, state)
-        # `--set schedule.*` shapes the schedule; every other --set travels with each slot's command
-        run_sets = [s for s in set_ or [] if not s.strip().startswith("schedule.")]
+        run_sets = run_overrides(set_)
         sched = add_schedule(
             state_url,
             name,
@@ -755,6 +754,24 @@ def schedule_add(
         f"schedule [bold]{sched.name}[/] ({sched.cron} UTC, concurrency={sched.concurrency}, "
         f"catch-up={sched.catch_up}) in {state_url}; next run {next_slot(sched, utcnow()):%Y-%m-%d %H:%M} UTC"
     )
+
+
+def run_overrides(sets: list[str] | None) -> list[str]:
+    """The `schedule add --set` values that travel with each slot's command: not `schedule.*` (the
+    schedule's own), not `run_id` (each slot's is its submission id), and never `data.storage_options.*`:
+    they would be written into the state file and every job's entrypoint (a scheduled run takes its
+    credentials from its environment)."""
+    keep = []
+    for assignment in sets or []:
+        key = assignment.split("=", 1)[0].strip()
+        if key.startswith("data.storage_options"):
+            console.print(
+                f"[yellow]note:[/] --set {key}=… opens the state file only; scheduled runs take their "
+                "credentials from their environment"
+            )
+        elif not key.startswith("schedule.") and key != "run_id":
+            keep.append(assignment)
+    return keep
 
 
 @schedule_app.command("list")

@@ -181,6 +181,22 @@ def _option_value(tokens: Sequence[str], *names: str) -> str | None:
     return None
 
 
+# Options of `run` and `sweep` that take no value; every other option is followed by its value.
+_FLAGS = ("--verbose", "-v", "--resume", "--help")
+
+
+def _names_a_config(tokens: Sequence[str]) -> bool:
+    """Whether a `maskdiet run|sweep ...` command line gives its CONFIG argument (a positional)."""
+    rest = list(tokens[2:])
+    while rest:
+        tok = rest.pop(0)
+        if not tok.startswith("-"):
+            return True
+        if "=" not in tok and tok not in _FLAGS and rest:
+            rest.pop(0)  # the option's value
+    return False
+
+
 def _config_output(config: str) -> str | None:
     """The `output` key of a config file, if it is readable here (used only for job metadata)."""
     try:
@@ -219,7 +235,7 @@ def prepare_submission(
     if config is not None:
         if not is_maskdiet:
             raise ValueError(f"--config is passed to maskdiet commands only; the command is {tokens[0]!r}")
-        positional = subcommand in ("run", "sweep") and len(tokens) > 2 and not tokens[2].startswith("-")
+        positional = subcommand in ("run", "sweep") and _names_a_config(tokens)
         if positional or _option_value(tokens, "--config", "-c") is not None:
             raise ValueError("give the config either to `jobs submit --config` or to the command, not both")
         if "://" in config:

@@ -50,7 +50,7 @@ def resolve_previous(output: str, previous: str, storage_options: dict[str, Any]
     """`latest` → the run dir recorded in `<output>/runs/latest` (None when there is none); else as given,
     a relative local path made absolute (Train workers, which load its encoder, run in other folders)."""
     if previous != LATEST:
-        return previous.rstrip("/") if "://" in previous else os.path.abspath(previous)
+        return previous.rstrip("/") if "://" in previous else os.path.abspath(os.path.expanduser(previous))
     pointer = join(output, "runs", LATEST)
     if not exists(pointer, storage_options):
         return None

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -594,7 +595,7 @@ def rayjob_spec(schedule: Schedule, image: str = DEFAULT_IMAGE) -> tuple[dict[st
     """A RayJob spec running the schedule's command on a fresh cluster that is deleted when it ends."""
     config, config_map = _config_ref(schedule)
     cluster = ray_cluster_spec(image, config_map["metadata"]["name"] if config_map else None)
-    entrypoint = " ".join([*schedule.command, "--config", config])
+    entrypoint = shlex.join([*schedule.command, "--config", config])
     spec = {
         "entrypoint": entrypoint,
         "shutdownAfterJobFinishes": True,

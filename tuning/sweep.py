@@ -278,8 +278,8 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def ignored_on_resume(given: Config, saved: Config) -> list[str]:
     """Settings given now (away from the defaults) that a resumed sweep does not use: it runs on with the
-    config it started with; only `data.*` (it carries credentials) and `tune.name` (it picks the sweep)
-    come from now."""
+    config it started with. What does come from now is left out: `data.*` (it carries credentials),
+    `ray.*` (where to run), and `tune.name`, `tune.output` and `output` (which sweep, and where)."""
     now, then, default = (
         _flat(given.model_dump()),
         _flat(saved.model_dump()),
@@ -290,8 +290,8 @@ def ignored_on_resume(given: Config, saved: Config) -> list[str]:
         for key in sorted(now)
         if now[key] != then.get(key)
         and now[key] != default.get(key)
-        and not key.startswith(("data.", "run_id"))
-        and key != "tune.name"
+        and not key.startswith(("data.", "ray.", "run_id"))
+        and key not in ("tune.name", "tune.output", "output")
     ]
 
 

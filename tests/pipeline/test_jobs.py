@@ -72,8 +72,9 @@ def test_config_travels_in_the_working_dir(tmp_path: Path) -> None:
     assert by_url.entrypoint == "maskdiet curate --config s3://b/c.yaml --set run_id=x"
     with pytest.raises(ValueError, match="not both"):
         jobs.prepare_submission("maskdiet curate --config a.yaml", config=str(config))
-    with pytest.raises(ValueError, match="not both"):  # run's CONFIG argument names a config too
-        jobs.prepare_submission("maskdiet run large.yaml", config=str(config))
+    for command in ("maskdiet run large.yaml", "maskdiet run --previous latest -v large.yaml"):
+        with pytest.raises(ValueError, match="not both"):  # run's CONFIG argument names a config too
+            jobs.prepare_submission(command, config=str(config))
     with pytest.raises(ValueError, match="bad submission id"):
         jobs.prepare_submission("maskdiet curate", submission_id="no spaces please")
 

@@ -259,13 +259,20 @@ def test_cli_add_list_export_remove(tmp_path: Path, config_file: Path) -> None:
     runner = CliRunner()
     state = f"file://{tmp_path}/state.json"
     common = ["--state", state]
-    sets = ["--set", "pretrain.steps=100", "--set", "schedule.concurrency=queue"]
+    sets = ["--set", "pretrain.steps=100", "--set", "schedule.concurrency=queue", "--set", "run_id=fixed"]
+    sets += [
+        "--set",
+        "data.storage_options.secret=not-for-the-state-file",
+        "--set",
+        "data.input=s3://b/my dir",
+    ]
     result = runner.invoke(
         app,
         ["schedule", "add", "nightly", "--cron", "0 3 * * *", "--config", str(config_file), *common, *sets],
     )
     assert result.exit_code == 0, result.output
     assert load_state(state).schedules["nightly"].concurrency == "queue"
+    assert "not-for-the-state-file" not in Path(state.removeprefix("file://")).read_text()
     result = runner.invoke(app, ["schedule", "list", *common])
     assert result.exit_code == 0 and "nightly" in result.output
     result = runner.invoke(app, ["schedule", "export", "nightly", "--format", "raycronjob", *common])
@@ -275,8 +282,9 @@ def test_cli_add_list_export_remove(tmp_path: Path, config_file: Path) -> None:
     assert docs[0]["data"]["config.yaml"] == config_file.read_text()
     assert docs[1]["spec"]["schedule"] == "0 3 * * *"
     assert docs[1]["spec"]["jobTemplate"]["entrypoint"] == (
-        "maskdiet run --previous latest --set pretrain.steps=100 --config /etc/maskdiet/config.yaml"
-    )  # a --set outside schedule.* runs with every slot
+        "maskdiet run --previous latest --set pretrain.steps=100 --set 'data.input=s3://b/my dir' "
+        "--config /etc/maskdiet/config.yaml"
+    )  # a --set outside schedule.* runs with every slot (not run_id: each slot has its own; not secrets)
     result = runner.invoke(app, ["schedule", "remove", "nightly", *common])
     assert result.exit_code == 0
     assert load_state(state).schedules == {}

@@ -282,5 +282,7 @@ def test_resume_names_the_settings_it_ignores(tmp_path: Path) -> None:
     saved.write_text(dump_config(started))
     again = load_config(None, ["pretrain.steps=40", "tune.name=s1"])
     assert ignored_on_resume(again, load_config(saved)) == []  # defaults and the sweep's own keys: silent
-    changed = load_config(None, ["pretrain.steps=80", "tune.num_samples=9", "data.input=/elsewhere"])
+    changed = load_config(
+        None, ["pretrain.steps=80", "tune.num_samples=9", "data.input=/elsewhere", "ray.address=auto"]
+    )  # data and ray come from now: not ignored
     assert ignored_on_resume(changed, load_config(saved)) == ["pretrain.steps=80", "tune.num_samples=9"]
