@@ -69,6 +69,16 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
+def keep_flag_wins(cfg: Config, keep: float | None, overrides: list[str] | None) -> Config:
+    """`--keep F` is the fraction kept even when the file sets `prune.keep_count` (which otherwise wins over
+    `prune.keep`); only a `--set prune.keep_count=N` on the same command line keeps the count."""
+    if keep is None or cfg.prune.keep_count is None:
+        return cfg
+    if any(o.split("=", 1)[0].strip() == "prune.keep_count" for o in overrides or []):
+        return cfg
+    return cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"keep_count": None})})
+
+
 def one_config(positional: str | None, option: str | None) -> str | None:
     """The config file given as the CONFIG argument or as --config; both at once is an error, not a choice."""
     if positional and option and positional != option:
@@ -208,6 +218,7 @@ def curate(
             prune__policy=policy,
             prune__keep=keep,
         )
+        cfg = keep_flag_wins(cfg, keep, set_)
         if not cfg.data.input:
             raise ConfigError("no input: pass --input URL or set data.input")
         # a missing bucket or bad credentials fail here, in a second, not after Ray has started

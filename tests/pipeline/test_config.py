@@ -92,3 +92,16 @@ def test_command_flags_beat_the_file_and_set_beats_both(tmp_path: Path) -> None:
     assert config.output.endswith("from-file")
     config = make_config(str(path), ["pretrain.steps=30"], pretrain__steps=20)
     assert config.pretrain.steps == 30
+
+
+def test_keep_flag_wins_over_a_files_keep_count(tmp_path: Path) -> None:
+    """`curate -c f.yaml --keep 0.5` keeps half even when f.yaml sets prune.keep_count (which beats keep)."""
+    from pipeline.cli import keep_flag_wins, make_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("prune:\n  keep_count: 1000\n")
+    config = keep_flag_wins(make_config(str(path), None, prune__keep=0.5), 0.5, None)
+    assert config.prune.keep_count is None and config.prune.keep == 0.5
+    assert keep_flag_wins(make_config(str(path), None), None, None).prune.keep_count == 1000  # no flag
+    both = ["prune.keep_count=7"]
+    assert keep_flag_wins(make_config(str(path), both, prune__keep=0.5), 0.5, both).prune.keep_count == 7
