@@ -195,7 +195,7 @@ def curate(
     score: Annotated[str | None, typer.Option(help="el2n | grand | forgetting | prototype | none")] = None,
     policy: Annotated[
         str | None,
-        typer.Option(help="keep-hard | offset | keep-easy | class-balanced | stratified | random"),
+        typer.Option(help="keep-hard | offset | keep-easy | class-balanced | stratified | random | none"),
     ] = None,
     keep: Annotated[float | None, typer.Option(help="Fraction of images kept (0, 1].")] = None,
     config: ConfigOption = None,

@@ -654,6 +654,11 @@ def export_manifest(
                 "a k8s-cronjob needs the schedule state in object storage (the pod has no disk that lasts): "
                 "pass --state s3://bucket/maskdiet/schedules.json"
             )
+        if schedule.address:
+            raise ScheduleError(
+                f"schedule {schedule.name} stores --address {schedule.address}, which would win over the "
+                f"CronJob's in-cluster head service ({CLUSTER_NAME}-head-svc): add it again without --address"
+            )
         if "://" not in schedule.config:
             raise ScheduleError(
                 f"a k8s-cronjob's pod submits the schedule's config, and {schedule.config} is a local file it "

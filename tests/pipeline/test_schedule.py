@@ -6,6 +6,7 @@ RUNNING on command; one test runs `run-due` against the real Ray head and a real
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 import time
@@ -253,6 +254,11 @@ def test_bad_schedules_are_refused(tmp_path: Path, config_file: Path) -> None:
         export_manifest(load_state(state).schedules["nightly"], "k8s-cronjob", state_url=state)
     with pytest.raises(ScheduleError, match="local file"):  # the pod would fail every slot without it
         export_manifest(load_state(state).schedules["nightly"], "k8s-cronjob", state_url="s3://b/s.json")
+    pinned = dataclasses.replace(
+        load_state(state).schedules["nightly"], config="s3://b/c.yaml", address="http://127.0.0.1:8265"
+    )
+    with pytest.raises(ScheduleError, match="without --address"):  # it would beat the pod's head service
+        export_manifest(pinned, "k8s-cronjob", state_url="s3://b/s.json")
 
 
 def test_cli_add_list_export_remove(tmp_path: Path, config_file: Path) -> None:
