@@ -185,8 +185,14 @@ def _option_value(tokens: Sequence[str], *names: str) -> str | None:
 _FLAGS = ("--verbose", "-v", "--resume", "--help")
 
 
-def _names_a_config(tokens: Sequence[str]) -> bool:
-    """Whether a `maskdiet run|sweep ...` command line gives its CONFIG argument (a positional)."""
+def names_a_config(tokens: Sequence[str]) -> bool:
+    """Whether a maskdiet command line names its own config: `--config`, or `run`/`sweep`'s CONFIG argument."""
+    if len(tokens) < 2 or Path(tokens[0]).name != "maskdiet":
+        return False
+    if _option_value(tokens, "--config", "-c") is not None:
+        return True
+    if tokens[1] not in ("run", "sweep"):
+        return False
     rest = list(tokens[2:])
     while rest:
         tok = rest.pop(0)
@@ -235,8 +241,7 @@ def prepare_submission(
     if config is not None:
         if not is_maskdiet:
             raise ValueError(f"--config is passed to maskdiet commands only; the command is {tokens[0]!r}")
-        positional = subcommand in ("run", "sweep") and _names_a_config(tokens)
-        if positional or _option_value(tokens, "--config", "-c") is not None:
+        if names_a_config(tokens):
             raise ValueError("give the config either to `jobs submit --config` or to the command, not both")
         if "://" in config:
             ref = config

@@ -193,6 +193,12 @@ def add_schedule(
         raise ScheduleError(f"bad concurrency {concurrency!r}: expected skip, queue or replace")
     if catch_up not in ("once", "all", "none"):
         raise ScheduleError(f"bad catch_up {catch_up!r}: expected once, all or none")
+    from pipeline.jobs import names_a_config
+
+    if names_a_config(list(command or DEFAULT_COMMAND)):  # each slot adds --config: two would fail every slot
+        raise ScheduleError(
+            f"the command {shlex.join(command or [])!r} names a config: the schedule adds --config"
+        )
     if "://" not in config:
         if not Path(config).is_file():
             raise FileNotFoundError(f"config file not found: {config}")

@@ -247,6 +247,9 @@ def test_bad_schedules_are_refused(tmp_path: Path, config_file: Path) -> None:
         add_schedule(state, "x", "every night", str(config_file))
     with pytest.raises(ScheduleError, match="name"):
         add_schedule(state, "Nightly_Run", "0 3 * * *", str(config_file))
+    for command in (["maskdiet", "run", "big.yaml"], ["maskdiet", "curate", "--config", "c.yaml"]):
+        with pytest.raises(ScheduleError, match="names a config"):  # every slot would fail on two configs
+            add_schedule(state, "x", "0 3 * * *", str(config_file), command=command)
     _add(state, config_file)
     with pytest.raises(ScheduleError, match="exists"):
         _add(state, config_file)
