@@ -13,6 +13,10 @@ delivered as torch batches of `BATCH` images: `image` (B, S, S, 3) uint8 and `la
 - limit: one process decoding every 10th of the same images, already in memory, in a tight loop, × cores:
   what 100% of the cores could do with no I/O and no pipeline at all. It is measured in every round, beside
   the passes, so it sees the same machine load.
+- parallel decode (local only): `cores` already-running processes, each reading its share of the same
+  files and decoding them in a tight loop, nothing in between (`DecodePool`). The limit assumes the cores
+  do not slow each other down; this is what they reach together, so `_parallel_decode_fraction_of_decode_limit`
+  is the machine's share of the gap to the limit and `_fraction_of_parallel_decode` the pipeline's.
 
 Both pipelines read the same files, from a local folder and from moto's S3 server (started here, in this
 process, before Ray so Ray's workers inherit its endpoint). Each pass is timed from building the pipeline to
@@ -37,11 +41,14 @@ if __package__ in (None, ""):  # `python benchmarks/ingest.py`: make the reposit
 
 import logging
 import math
+import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,6 +197,45 @@ def consume(batches: Iterator[dict[str, Any]], expected: int) -> Pass:
     return Pass(first_s=first_s, total_s=time.perf_counter() - start, first_size=first_size)
 
 
+def decode_files(paths: list[str], options: DecodeOptions) -> int:
+    """Read and decode local `paths` one after another in this process; runs in a `DecodePool` worker."""
+    for path in paths:
+        decode_image(Path(path).read_bytes(), options)
+    return len(paths)
+
+
+class DecodePool:
+    """The practical ceiling of any pipeline on this machine: `cores` already-running processes, each
+    reading and decoding its share of the local files in a tight loop, with nothing between them (no
+    batching, no queues, no transfer of the decoded images back).
+
+    The decode limit multiplies one process's rate by the cores, which assumes the cores do not slow each
+    other down; this measures what they really reach together (on this 2-vCPU box, 1.5–1.75× one process
+    on in-memory bytes), so the rows say how much of the gap to the limit is the machine and how much the
+    pipeline."""
+
+    def __init__(self, cores: int) -> None:
+        # spawn, not fork: the benchmark process runs Ray's and moto's threads, which a fork would copy
+        # mid-flight.
+        self.cores = cores
+        self.pool = ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn"))
+
+    def decode(self, paths: list[str], options: DecodeOptions) -> float:
+        """Seconds for the pool to read and decode every path, shared round robin."""
+        start = time.perf_counter()
+        shares = [self.pool.submit(decode_files, paths[i :: self.cores], options) for i in range(self.cores)]
+        done = sum(share.result() for share in shares)
+        elapsed = time.perf_counter() - start
+        assert done == len(paths), f"decoded {done} of {len(paths)}"
+        return elapsed
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown()
+
+
 def decode_limit(blobs: list[bytes], options: DecodeOptions, budget_s: float) -> float:
     """Images/s of this one process decoding in-memory `blobs` in a tight loop (the per-core ceiling)."""
     done, start = 0, time.perf_counter()
@@ -222,22 +268,32 @@ def compare(
     repeats: int,
     blobs: list[bytes],
     warm_up: bool = True,
+    pool: DecodePool | None = None,
 ) -> list[Row]:
-    """Alternate maskdiet, DataLoader and decode-limit runs over the same listing; rows with medians, the
-    ratios to the DataLoader and the fractions of the decode limit (measured in the same rounds)."""
+    """Alternate maskdiet, DataLoader and decode-limit runs over the same listing (and `pool`'s parallel
+    decode of the same files, when given); rows with medians, the ratios to the DataLoader and the
+    fractions of the decode limit and of the parallel decode (measured in the same rounds)."""
     n = len(listing)
     options = DecodeOptions.from_config(config.decode)
     if warm_up:  # Ray worker processes, imports, file cache
         consume(maskdiet_batches(config, listing), n)
         consume(dataloader_batches(config, listing, cores), n)
+        if pool:
+            pool.decode(listing.paths, options)
     ours: list[Pass] = []
     theirs: list[Pass] = []
     limits: list[float] = []
+    parallel: list[float] = []
     for _ in range(repeats):
         ours.append(consume(maskdiet_batches(config, listing), n))
         theirs.append(consume(dataloader_batches(config, listing, cores), n))
         limits.append(decode_limit(blobs, options, budget_s=0.3 if tiny() else 1.5))
-    log.info("%s: maskdiet %s, DataLoader %s, decode limit per core %s", source, ours, theirs, limits)
+        if pool:
+            parallel.append(pool.decode(listing.paths, options))
+    log.info(
+        "%s: maskdiet %s, DataLoader %s, decode limit per core %s, parallel decode %s",
+        *(source, ours, theirs, limits, parallel),
+    )
     rows = pipeline_rows(f"ingest_{source}_maskdiet", ours, n)
     rows += pipeline_rows(f"ingest_{source}_dataloader", theirs, n)
     value = dict(rows)
@@ -248,6 +304,14 @@ def compare(
     )
     ours_steady = value[f"ingest_{source}_maskdiet_steady_images_per_s"]
     theirs_steady = value[f"ingest_{source}_dataloader_steady_images_per_s"]
+    if parallel:
+        parallel_rate = n / float(np.median(parallel))
+        rows += [
+            (f"ingest_{source}_parallel_decode_images_per_s", parallel_rate),
+            (f"ingest_{source}_parallel_decode_fraction_of_decode_limit", ratio(parallel_rate, limit)),
+            (f"ingest_{source}_fraction_of_parallel_decode", ratio(ours_rate, parallel_rate)),
+            (f"ingest_{source}_dataloader_fraction_of_parallel_decode", ratio(theirs_rate, parallel_rate)),
+        ]
     return [
         *rows,
         (f"ingest_{source}_ratio_vs_dataloader", ratio(ours_rate, theirs_rate)),
@@ -303,8 +367,8 @@ def run(quick: bool = False) -> list[Row]:
         # The limit's input, in memory: every 10th image, so each sample photo is in it in its share (the
         # listing is sorted by class, and the photos' JPEGs differ in size and decode cost).
         blobs = [read_bytes(p) for p in local_listing.paths[::10]]
-        with local_ray(num_cpus=cores):
-            rows += compare("local", local_config, local_listing, cores, repeats, blobs)
+        with local_ray(num_cpus=cores), DecodePool(cores) as pool:
+            rows += compare("local", local_config, local_listing, cores, repeats, blobs, pool=pool)
             rows += compare_epochs(local_config, local_listing, cores, repeats, epochs=1 if tiny() else 3)
             # moto serves ~85 images/s: 2 repeats, and no warm-up (the local passes warmed Ray's workers).
             rows += compare("s3", s3_config, s3_listing, cores, min(repeats, 2), blobs, warm_up=False)

@@ -26,6 +26,8 @@ EXPECTED = {
         "ingest_s3_ratio_vs_dataloader",
         "ingest_local_decode_limit_images_per_s",
         "ingest_local_fraction_of_decode_limit",
+        "ingest_local_parallel_decode_fraction_of_decode_limit",
+        "ingest_local_fraction_of_parallel_decode",
     ],
     "scaling": [
         "scaling_curate_ratio_2cpu_vs_1cpu",
