@@ -3,9 +3,11 @@
 A job is any `maskdiet ...` command line. Its config travels with it: a local YAML file is shipped in the
 job's `runtime_env` working dir (Ray uploads it with the submission, so the cluster needs no shared disk)
 and passed as `--config maskdiet-config.yaml`; a config already at an object-store URL is passed as is.
-Run-producing commands (`run`, `curate`, `pretrain`, `sweep`) get `--set run_id=<submission_id>`, so the run
-directory of a job is known from its submission id alone, and a retried submission with the same id is
-refused by Ray instead of running twice.
+Run-producing commands are named after the submission id, unless the command names its run itself: `run`
+and `curate` get `--set run_id=<submission_id>`, `pretrain` gets `--run-name <submission_id>` (its checkpoint
+folder), and a new `sweep` gets `--name <submission_id>`. So the run of a job is known from its submission id
+alone, two pretrain jobs writing to one output do not share (and resume) one checkpoint folder, and a
+retried submission with the same id is refused by Ray instead of running twice.
 
 Authentication: Ray 2.60 clusters use token auth. A client must send `Authorization: Bearer <token>`; Ray's
 own client only does so when `RAY_AUTH_MODE=token` is set in the client's environment. We look for a token
@@ -36,7 +38,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the dashboard (Jobs API) of a local
 CONFIG_NAME = "maskdiet-config.yaml"  # the config's name inside the job's working dir
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 ACTIVE_STATES = frozenset({"PENDING", "RUNNING"})
-# Commands that create a run (and take --set): they get run_id = submission_id.
+# Commands that create a run, and how a job names the run after its submission id (see `name_the_run`).
 RUN_COMMANDS = frozenset({"run", "curate", "pretrain", "sweep"})
 # Lines our commands print that locate their outputs ("manifest: s3://...", "run dir: ...").
 _OUTPUT_LINE = re.compile(
@@ -203,6 +205,20 @@ def names_a_config(tokens: Sequence[str]) -> bool:
     return False
 
 
+def name_the_run(subcommand: str, tokens: Sequence[str], name: str) -> list[str]:
+    """The options that name a `subcommand` job's run `name`, or none where the command names it already:
+    `run`/`curate` → `--set run_id`, `pretrain` → `--run-name`, `sweep` → `--name` (not on `--resume`,
+    where a name picks the sweep to continue)."""
+    if subcommand in ("run", "curate"):
+        return [] if any(t.startswith("run_id=") for t in tokens) else ["--set", f"run_id={name}"]
+    if subcommand == "pretrain":
+        return [] if _option_value(tokens, "--run-name") is not None else ["--run-name", name]
+    if subcommand == "sweep":
+        named = _option_value(tokens, "--name") is not None or any(t.startswith("tune.name=") for t in tokens)
+        return [] if named or "--resume" in tokens else ["--name", name]
+    return []
+
+
 def _config_output(config: str) -> str | None:
     """The `output` key of a config file, if it is readable here (used only for job metadata)."""
     try:
@@ -253,8 +269,8 @@ def prepare_submission(
             runtime_env["working_dir"] = staged
             ref = CONFIG_NAME
         tokens += ["--config", ref]
-    if subcommand in RUN_COMMANDS and not any(t.startswith("run_id=") for t in tokens):
-        tokens += ["--set", f"run_id={sid}"]
+    if subcommand in RUN_COMMANDS:
+        tokens += name_the_run(subcommand, tokens, sid)
     if pip:
         runtime_env["pip"] = list(pip)
     # Job logs are read by programs too (`jobs status` finds "manifest: URL" lines): keep rich from

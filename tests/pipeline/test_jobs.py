@@ -163,3 +163,23 @@ def test_missing_token_says_what_to_set(ray_head: str, tmp_path: Path) -> None:
     )
     assert proc.returncode == 2, proc.stderr
     assert "requires a token" in proc.stderr and "RAY_AUTH_TOKEN" in proc.stderr
+
+
+def test_jobs_name_their_runs_after_the_submission_id() -> None:
+    def entrypoint(command: str) -> str:
+        return jobs.prepare_submission(command, submission_id="job-7").entrypoint
+
+    # Without a name of its own, each pretrain job had checkpoints/pretrain: a second job resumed the first.
+    assert entrypoint("maskdiet pretrain -m s3://b/m.parquet") == (
+        "maskdiet pretrain -m s3://b/m.parquet --run-name job-7"
+    )
+    assert entrypoint("maskdiet pretrain -m m.parquet --run-name mine").endswith("--run-name mine")
+    assert entrypoint("maskdiet sweep s.yaml") == "maskdiet sweep s.yaml --name job-7"
+    for named in ("maskdiet sweep s.yaml --name mine", "maskdiet sweep s.yaml --set tune.name=mine"):
+        assert "job-7" not in entrypoint(named)
+    assert entrypoint("maskdiet sweep s.yaml --resume") == "maskdiet sweep s.yaml --resume"  # the latest
+    assert entrypoint("maskdiet curate -i data/") == "maskdiet curate -i data/ --set run_id=job-7"
+    assert entrypoint("maskdiet run --set run_id=mine") == "maskdiet run --set run_id=mine"
+    assert (
+        entrypoint("maskdiet evaluate --checkpoint c --data d") == "maskdiet evaluate --checkpoint c --data d"
+    )
