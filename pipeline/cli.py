@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, load_config, override_key
 
 app = typer.Typer(
     name="maskdiet",
@@ -74,7 +74,7 @@ def keep_flag_wins(cfg: Config, keep: float | None, overrides: list[str] | None)
     `prune.keep`); only a `--set prune.keep_count=N` on the same command line keeps the count."""
     if keep is None or cfg.prune.keep_count is None:
         return cfg
-    if any(o.split("=", 1)[0].strip() == "prune.keep_count" for o in overrides or []):
+    if any(override_key(o) == "prune.keep_count" for o in overrides or []):
         return cfg
     return cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"keep_count": None})})
 
@@ -774,7 +774,7 @@ def run_overrides(sets: list[str] | None) -> list[str]:
     credentials from its environment)."""
     keep = []
     for assignment in sets or []:
-        key = assignment.split("=", 1)[0].strip()
+        key = override_key(assignment)
         if key.startswith("data.storage_options"):
             console.print(
                 f"[yellow]note:[/] --set {key}=… opens the state file only; scheduled runs take their "

@@ -231,12 +231,17 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def override_key(assignment: str) -> str:
+    """The dotted key of a `--set dotted.key=value` assignment."""
+    return assignment.partition("=")[0].strip()
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `dotted.key=value` to a nested dict in place; the key must exist in the schema."""
     if "=" not in assignment:
         raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
-    key, _, raw = assignment.partition("=")
-    parts = key.strip().split(".")
+    key, raw = override_key(assignment), assignment.partition("=")[2]
+    parts = key.split(".")
     model: type[BaseModel] = Config
     for i, part in enumerate(parts):
         fields = model.model_fields
