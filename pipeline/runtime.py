@@ -52,6 +52,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray 2.60 logs, at every start of a local Ray, that token authentication is on (its default) and how to turn
+# it off. For the instance a maskdiet command starts for itself that is nothing to act on, so it is dropped;
+# Ray's warning that authentication is *off* still shows.
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _auth_enabled_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def start_local_ray(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
@@ -70,6 +80,8 @@ def start_local_ray(
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     if port:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    auth_log = logging.getLogger(AUTH_LOGGER)
+    auth_log.addFilter(_auth_enabled_notice)
     try:
         ray.init(
             address="local",
@@ -81,6 +93,7 @@ def start_local_ray(
             logging_level=logging.WARNING,
         )
     finally:
+        auth_log.removeFilter(_auth_enabled_notice)
         if saved is None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         else:

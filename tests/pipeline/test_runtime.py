@@ -1,7 +1,11 @@
-"""Ray Data's scheduling loop must rest, not spin, while a slow consumer holds the pipeline in backpressure."""
+"""Starting Ray and running Ray Data: the scheduling loop must rest, not spin, while a slow consumer holds the
+pipeline in backpressure; a local start says nothing the user cannot act on."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -36,3 +40,25 @@ def test_scheduling_loop_rests_while_a_slow_consumer_holds_it_back(ray_cluster: 
     assert IdleWait in ctx.custom_execution_callback_classes  # configure_data_context installs it
     share = _driver_cpu_share(15, 0.1)
     assert share < 0.6, f"the driver used {share:.0%} of a core while the consumer slept"
+
+
+START = """
+import logging, ray
+from pipeline.runtime import start_local_ray
+logging.basicConfig(level=logging.WARNING)
+start_local_ray(num_cpus=1, include_dashboard=False)
+print("cpus", ray.cluster_resources()["CPU"])
+ray.shutdown()
+"""
+
+
+def test_a_local_start_drops_the_token_auth_notice() -> None:
+    """Ray 2.60 logged "Token authentication is enabled for this Ray cluster..." at every `maskdiet` command
+    that started its own Ray. A fresh process, so the start is a real one (the test session's Ray is up)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    done = subprocess.run(
+        [sys.executable, "-c", START], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cpus 1.0" in done.stdout
+    assert "Token authentication is enabled" not in done.stderr + done.stdout
