@@ -56,6 +56,7 @@ def _free_port() -> int:
 # it off. For the instance a maskdiet command starts for itself that is nothing to act on, so it is dropped;
 # Ray's warning that authentication is *off* still shows.
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # see start_local_ray
 
 
 def _auth_enabled_notice(record: logging.LogRecord) -> bool:
@@ -68,36 +69,53 @@ def start_local_ray(
     include_dashboard: bool = True,
     object_store_memory: int | None = None,
 ) -> None:
-    """Start a new local Ray (never joining a stale one) with its dashboard pinned for Ray's own processes.
+    """Start a new local Ray (never joining a stale one), with environment variables for Ray's own processes.
 
-    Ray Train's placement-group cleaner (it frees the workers of a run that Tune stopped early) asks the
-    State API whether the Train controller lives; without `RAY_API_SERVER_ADDRESS` it picks the newest Ray on
-    the machine, which is another cluster whenever two run side by side (a test session and a `ray start`
-    head, say): early-stopped trials then leak their CPUs. Ray's processes inherit the variable at start;
-    this process drops it again, since it would override the address of job clients.
+    - `RAY_API_SERVER_ADDRESS`, the dashboard pinned: Ray Train's placement-group cleaner (it frees the
+      workers of a run that Tune stopped early) asks the State API whether the Train controller lives;
+      without the variable it picks the newest Ray on the machine, which is another cluster whenever two run
+      side by side (a test session and a `ray start` head, say): early-stopped trials then leak their CPUs.
+    - `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0` (unless set): Ray Train watches for nodes being drained
+      (spot instances reclaimed); a one-machine Ray has none, and the watcher actor's start printed a C++
+      error line into every pretraining run's output.
+
+    Ray's processes inherit the variables at start; this process drops them again (the first would override
+    the address of job clients).
     """
     port = _free_port() if include_dashboard else None
-    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    for_ray = {PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0")}
     if port:
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        for_ray["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     auth_log = logging.getLogger(AUTH_LOGGER)
     auth_log.addFilter(_auth_enabled_notice)
     try:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=include_dashboard,
-            dashboard_port=port,
-            object_store_memory=object_store_memory,
-            logging_level=logging.WARNING,
-        )
+        with _environment(for_ray):
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=include_dashboard,
+                dashboard_port=port,
+                object_store_memory=object_store_memory,
+                logging_level=logging.WARNING,
+            )
     finally:
         auth_log.removeFilter(_auth_enabled_notice)
-        if saved is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = saved
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in this process's environment for the duration, then the previous values restored."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def cluster_cpus() -> float:
