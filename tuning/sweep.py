@@ -220,15 +220,27 @@ def _storage(url: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
 
 
 def latest_sweep(root: str, storage_options: dict[str, Any]) -> str | None:
-    """The newest sweep folder under `root` (names sort by time) holding a sweep config, or None."""
+    """The most recently started sweep folder under `root` (by when its sweep config was written), or None.
+
+    Names do not order sweeps: `sweep-<time>` is only the default, and a job's sweep is named after its
+    submission id."""
     fs, path = url_to_fs(root, storage_options)
     if not fs.exists(path):
         return None
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    for name in reversed(names):
-        if exists(join(root, name, SWEEP_CONFIG), storage_options):
-            return name
-    return None
+    started = []
+    for entry in fs.ls(path, detail=False):
+        config_path = f"{entry.rstrip('/')}/{SWEEP_CONFIG}"
+        if fs.exists(config_path):
+            started.append((_written_at(fs, config_path), entry.rstrip("/").rsplit("/", 1)[-1]))
+    return max(started)[1] if started else None
+
+
+def _written_at(fs: Any, path: str) -> float:
+    """POSIX time `path` was last written; 0 where the filesystem cannot say (then names break the tie)."""
+    try:
+        return fs.modified(path).timestamp()
+    except (NotImplementedError, OSError, KeyError, AttributeError):
+        return 0.0
 
 
 def _check_manifest_scores(config: Config, space: SearchSpace, manifest_url: str) -> None:

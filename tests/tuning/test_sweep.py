@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
+from tuning.sweep import SWEEP_CONFIG, latest_sweep
 
 STEPS = 20
 EVAL_EVERY = 10
@@ -286,3 +287,19 @@ def test_resume_names_the_settings_it_ignores(tmp_path: Path) -> None:
         None, ["pretrain.steps=80", "tune.num_samples=9", "data.input=/elsewhere", "ray.address=auto"]
     )  # data and ray come from now: not ignored
     assert ignored_on_resume(changed, load_config(saved)) == ["pretrain.steps=80", "tune.num_samples=9"]
+
+
+def test_resume_picks_the_sweep_started_last_whatever_its_name(tmp_path: Path) -> None:
+    """Job sweeps are named after their submission id, so names no longer sort by time."""
+    for name, written in (
+        ("sweep-20991231-235959", 1_000),
+        ("maskdiet-job-7", 2_000),
+        ("zz-no-config", 3_000),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        if name != "zz-no-config":
+            (folder / SWEEP_CONFIG).write_text("tune: {}\n")
+            os.utime(folder / SWEEP_CONFIG, (written, written))
+    assert latest_sweep(str(tmp_path), {}) == "maskdiet-job-7"
+    assert latest_sweep(str(tmp_path / "none-yet"), {}) is None
