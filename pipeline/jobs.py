@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import override_key
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the dashboard (Jobs API) of a local `ray start --head`
@@ -187,47 +189,79 @@ def _option_value(tokens: Sequence[str], *names: str) -> str | None:
 _FLAGS = ("--verbose", "-v", "--resume", "--help")
 
 
-def names_a_config(tokens: Sequence[str]) -> bool:
-    """Whether a maskdiet command line names its own config: `--config`, or `run`/`sweep`'s CONFIG argument."""
+def config_named_in(tokens: Sequence[str]) -> str | None:
+    """The config a maskdiet command line names itself: `--config`, or `run`/`sweep`'s CONFIG argument."""
     if len(tokens) < 2 or Path(tokens[0]).name != "maskdiet":
-        return False
-    if _option_value(tokens, "--config", "-c") is not None:
-        return True
-    if tokens[1] not in ("run", "sweep"):
-        return False
+        return None
+    option = _option_value(tokens, "--config", "-c")
+    if option is not None or tokens[1] not in ("run", "sweep"):
+        return option
     rest = list(tokens[2:])
     while rest:
         tok = rest.pop(0)
         if not tok.startswith("-"):
-            return True
+            return tok
         if "=" not in tok and tok not in _FLAGS and rest:
             rest.pop(0)  # the option's value
-    return False
+    return None
 
 
-def name_the_run(subcommand: str, tokens: Sequence[str], name: str) -> list[str]:
-    """The options that name a `subcommand` job's run `name`, or none where the command names it already:
-    `run`/`curate` → `--set run_id`, `pretrain` → `--run-name`, `sweep` → `--name` (not on `--resume`,
-    where a name picks the sweep to continue)."""
+def names_a_config(tokens: Sequence[str]) -> bool:
+    """Whether a maskdiet command line names its own config (see `config_named_in`)."""
+    return config_named_in(tokens) is not None
+
+
+def set_values(tokens: Sequence[str]) -> dict[str, str]:
+    """A command line's `--set key=value` options (`--set X`, `-s X` or `--set=X`) by key; the last wins."""
+    values = {}
+    for i, tok in enumerate(tokens):
+        if tok in ("--set", "-s") and i + 1 < len(tokens):
+            assignment = tokens[i + 1]
+        elif tok.startswith("--set="):
+            assignment = tok.removeprefix("--set=")
+        else:
+            continue
+        values[override_key(assignment)] = assignment.partition("=")[2].strip()
+    return values
+
+
+def name_the_run(subcommand: str, tokens: Sequence[str], name: str, config: str | None = None) -> list[str]:
+    """The options that name a `subcommand` job's run `name`, or none where the run is named already:
+    `run`/`curate` → `--set run_id`, `pretrain` → `--run-name`, a new `sweep` → `--name`. A sweep is left
+    as it is on `--resume` (a name picks the sweep to continue), and when its `config` file sets
+    `tune.name` or cannot be read here to tell (a flag would win over the file's name)."""
     if subcommand in ("run", "curate"):
-        return [] if any(t.startswith("run_id=") for t in tokens) else ["--set", f"run_id={name}"]
+        return [] if "run_id" in set_values(tokens) else ["--set", f"run_id={name}"]
     if subcommand == "pretrain":
         return [] if _option_value(tokens, "--run-name") is not None else ["--run-name", name]
     if subcommand == "sweep":
-        named = _option_value(tokens, "--name") is not None or any(t.startswith("tune.name=") for t in tokens)
-        return [] if named or "--resume" in tokens else ["--name", name]
+        named = _option_value(tokens, "--name") is not None or "tune.name" in set_values(tokens)
+        if (
+            named
+            or "--resume" in tokens
+            or (config is not None and _config_value(config, "tune", "name") != "")
+        ):
+            return []
+        return ["--name", name]
     return []
+
+
+def _config_value(config: str, *keys: str) -> str | None:
+    """A config file's value at `keys` ("" when it sets none), or None when the file cannot be read here."""
+    try:
+        from pipeline.config import read_yaml
+
+        value: Any = read_yaml(config)
+    except Exception:  # a config we cannot read from here: the caller decides what not knowing means
+        return None
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return str(value) if value else ""
 
 
 def _config_output(config: str) -> str | None:
     """The `output` key of a config file, if it is readable here (used only for job metadata)."""
-    try:
-        from pipeline.config import read_yaml
-
-        value = read_yaml(config).get("output")
-    except Exception:  # a remote config we cannot read from here is fine: metadata is best-effort
-        return None
-    return str(value) if value else None
+    return _config_value(config, "output") or None
 
 
 def prepare_submission(
@@ -270,13 +304,18 @@ def prepare_submission(
             ref = CONFIG_NAME
         tokens += ["--config", ref]
     if subcommand in RUN_COMMANDS:
-        tokens += name_the_run(subcommand, tokens, sid)
+        tokens += name_the_run(subcommand, tokens, sid, config or config_named_in(tokens))
     if pip:
         runtime_env["pip"] = list(pip)
     # Job logs are read by programs too (`jobs status` finds "manifest: URL" lines): keep rich from
     # wrapping long URLs at 80 columns.
     runtime_env["env_vars"] = {"COLUMNS": "400", **(env_vars or {})}
-    meta = {"maskdiet": "1", "command": subcommand or tokens[0], "run_id": sid}
+    # The run id a `run` job's folder is named after: the command's own, if it gave one.
+    meta = {
+        "maskdiet": "1",
+        "command": subcommand or tokens[0],
+        "run_id": set_values(tokens).get("run_id", sid),
+    }
     output = _option_value(tokens, "--output", "-o") or (
         _config_output(config) if config and "://" not in config else None
     )

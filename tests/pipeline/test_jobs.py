@@ -165,7 +165,7 @@ def test_missing_token_says_what_to_set(ray_head: str, tmp_path: Path) -> None:
     assert "requires a token" in proc.stderr and "RAY_AUTH_TOKEN" in proc.stderr
 
 
-def test_jobs_name_their_runs_after_the_submission_id() -> None:
+def test_jobs_name_their_runs_after_the_submission_id(tmp_path: Path) -> None:
     def entrypoint(command: str) -> str:
         return jobs.prepare_submission(command, submission_id="job-7").entrypoint
 
@@ -174,12 +174,29 @@ def test_jobs_name_their_runs_after_the_submission_id() -> None:
         "maskdiet pretrain -m s3://b/m.parquet --run-name job-7"
     )
     assert entrypoint("maskdiet pretrain -m m.parquet --run-name mine").endswith("--run-name mine")
-    assert entrypoint("maskdiet sweep s.yaml") == "maskdiet sweep s.yaml --name job-7"
-    for named in ("maskdiet sweep s.yaml --name mine", "maskdiet sweep s.yaml --set tune.name=mine"):
-        assert "job-7" not in entrypoint(named)
-    assert entrypoint("maskdiet sweep s.yaml --resume") == "maskdiet sweep s.yaml --resume"  # the latest
+    plain, named = tmp_path / "plain.yaml", tmp_path / "named.yaml"
+    plain.write_text("tune: {num_samples: 2}\n")
+    named.write_text("tune: {name: mine}\n")
+    assert entrypoint(f"maskdiet sweep {plain}") == f"maskdiet sweep {plain} --name job-7"
+    for kept in (
+        f"maskdiet sweep {plain} --name mine",
+        f"maskdiet sweep {plain} --set tune.name=mine",
+        f"maskdiet sweep {plain} --set=tune.name=mine",
+        f"maskdiet sweep {named}",  # --name would win over the file's tune.name
+        "maskdiet sweep not-here.yaml",  # unreadable here: the file may name it
+        f"maskdiet sweep {plain} --resume",  # continues the latest sweep
+    ):
+        assert "job-7" not in entrypoint(kept), kept
+    by_config = jobs.prepare_submission("maskdiet sweep", config=str(named), submission_id="job-7")
+    assert "job-7" not in by_config.entrypoint
     assert entrypoint("maskdiet curate -i data/") == "maskdiet curate -i data/ --set run_id=job-7"
-    assert entrypoint("maskdiet run --set run_id=mine") == "maskdiet run --set run_id=mine"
+    for own in (
+        "maskdiet run --set run_id=mine",
+        "maskdiet run --set=run_id=mine",
+        "maskdiet run -s run_id=mine",
+    ):
+        submission = jobs.prepare_submission(own, submission_id="job-7")
+        assert submission.entrypoint == own and submission.metadata["run_id"] == "mine"
     assert (
         entrypoint("maskdiet evaluate --checkpoint c --data d") == "maskdiet evaluate --checkpoint c --data d"
     )
