@@ -69,6 +69,12 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
+def loss_change(first: float, final: float) -> str:
+    """ "first → final" of a run's logged loss; one value when the run logged one line (fewer steps than
+    `pretrain.log_every`), rather than the same number twice as if nothing had trained."""
+    return f"{final:.4f}" if first == final else f"{first:.4f} → {final:.4f}"
+
+
 def keep_flag_wins(cfg: Config, keep: float | None, overrides: list[str] | None) -> Config:
     """`--keep F` is the fraction kept even when the file sets `prune.keep_count` (which otherwise wins over
     `prune.keep`); only a `--set prune.keep_count=N` on the same command line keeps the count."""
@@ -271,7 +277,7 @@ def pretrain(
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
     for what, value in (
         ("steps", str(result.steps)),
-        ("loss first → final", f"{result.first_loss:.4f} → {result.final_loss:.4f}"),
+        ("loss first → final", loss_change(result.first_loss, result.final_loss)),
         ("val loss", val),
         ("images/s", f"{result.images_per_s:.0f}"),
         ("wall time", f"{result.seconds:.0f} s"),
@@ -347,7 +353,7 @@ def print_run_summary(summary: dict) -> None:
         rows.append(
             (
                 "pretraining loss",
-                f"{summary['first_loss']:.4f} → {summary['final_loss']:.4f} ({summary['steps']} steps)",
+                f"{loss_change(summary['first_loss'], summary['final_loss'])} ({summary['steps']} steps)",
             )
         )
     if "knn_accuracy" in summary:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli import app, loss_change
 from pipeline.demo_data import DemoSpec, write_demo_data
 
 runner = CliRunner()
@@ -131,3 +131,9 @@ def test_an_unusable_url_scheme_is_one_line_error(tmp_path: Path) -> None:
             result = runner.invoke(app, args)
             assert result.exit_code == 2, (args, result.output)
             assert says in result.output and "Traceback" not in result.output
+
+
+def test_a_one_line_run_shows_its_loss_once() -> None:
+    """`pretrain --steps 5` logs one line (log_every is 10): it printed "2.6776 → 2.6776"."""
+    assert loss_change(2.6776, 2.6776) == "2.6776"
+    assert loss_change(1.78251, 0.46561) == "1.7825 → 0.4656"
