@@ -252,13 +252,20 @@ def pretrain(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps (pretrain.steps).")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers (pretrain.num_workers).")] = None,
-    run_name: Annotated[str, typer.Option(help="Checkpoint run name; the same name resumes.")] = "pretrain",
+    run_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Checkpoint run name; the same name resumes. Default: pretrain, or inside a Ray job the job's "
+            "submission id (each job, e.g. each slot of an exported RayCronJob, starts its own run)."
+        ),
+    ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Pretrain a masked autoencoder on the manifest's kept images with Ray Train (streamed from storage);
     write OUTPUT/encoder.pth (timm ViT keys), OUTPUT/metrics.jsonl and OUTPUT/checkpoints/."""
+    from pipeline.jobs import current_submission_id
     from pipeline.mae import size_of
     from pipeline.runtime import ray_session
     from pipeline.storage import check_readable
@@ -269,8 +276,9 @@ def pretrain(
         cfg = make_config(config, set_, output=output, pretrain__steps=steps, pretrain__num_workers=workers)
         size_of(cfg)  # before Ray starts
         check_readable(manifest, cfg.data.storage_options)
+        name = run_name or current_submission_id() or "pretrain"
         with ray_session(cfg.ray), progress_display() as progress:
-            result = run_pretrain(cfg, manifest, cfg.output, run_name=run_name, progress=progress)  # type: ignore[arg-type]
+            result = run_pretrain(cfg, manifest, cfg.output, run_name=name, progress=progress)  # type: ignore[arg-type]
     table = Table(title=f"pretrain {cfg.pretrain.model}", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")

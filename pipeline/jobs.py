@@ -19,6 +19,7 @@ logged or printed; error messages are scrubbed of it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -54,6 +55,19 @@ class JobsError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- auth
+
+
+# Set by Ray's job supervisor for a job's entrypoint: JSON with the job's runtime_env and metadata.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def current_submission_id(env: Mapping[str, str] | None = None) -> str | None:
+    """The submission id of the Ray job this process is the entrypoint of, or None outside a job."""
+    env = os.environ if env is None else env
+    try:
+        return str(json.loads(env[JOB_CONFIG_ENV])["metadata"]["job_submission_id"]) or None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def find_token(env: Mapping[str, str] | None = None, home: Path | None = None) -> str | None:

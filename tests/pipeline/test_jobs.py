@@ -7,6 +7,7 @@ set and never shows the token.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -200,3 +201,24 @@ def test_jobs_name_their_runs_after_the_submission_id(tmp_path: Path) -> None:
     assert (
         entrypoint("maskdiet evaluate --checkpoint c --data d") == "maskdiet evaluate --checkpoint c --data d"
     )
+
+
+def test_a_job_knows_its_submission_id() -> None:
+    """`maskdiet pretrain` inside a Ray job (an exported RayJob or RayCronJob slot, which `jobs submit` does
+    not name) defaults its run name to the job's submission id: every slot shared checkpoints/pretrain."""
+    config = json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": "maskdiet-nightly-x"}})
+    assert jobs.current_submission_id({jobs.JOB_CONFIG_ENV: config}) == "maskdiet-nightly-x"
+    assert jobs.current_submission_id({}) is None
+    assert jobs.current_submission_id({jobs.JOB_CONFIG_ENV: "not json"}) is None
+    assert jobs.current_submission_id({jobs.JOB_CONFIG_ENV: json.dumps({"metadata": {}})}) is None
+
+
+def test_a_real_job_sees_its_submission_id(ray_head: str) -> None:
+    sid = f"whoami-{os.getpid()}-{int(time.time())}"
+    probe = "from pipeline.jobs import current_submission_id as c; print('submission id:', c())"
+    code, stdout, stderr = _cli(
+        "jobs", "submit", "--address", ray_head, "--submission-id", sid, "--follow", "--",
+        sys.executable, "-c", probe,
+    )  # fmt: skip
+    assert code == 0, stdout + stderr
+    assert f"submission id: {sid}" in stdout
