@@ -320,24 +320,18 @@ def moto_s3() -> Iterator[str]:
     """
     from moto.server import ThreadedMotoServer
 
+    from pipeline.runtime import environment
+
     port = free_port()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    keys = [*S3_ENV, "AWS_ENDPOINT_URL"]
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(S3_ENV)
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
     try:
-        yield endpoint
+        with environment({**S3_ENV, "AWS_ENDPOINT_URL": endpoint}):
+            yield endpoint
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def make_bucket(name: str) -> str:

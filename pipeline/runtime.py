@@ -89,7 +89,7 @@ def start_local_ray(
     auth_log = logging.getLogger(AUTH_LOGGER)
     auth_log.addFilter(_auth_enabled_notice)
     try:
-        with _environment(for_ray):
+        with environment(for_ray):
             ray.init(
                 address="local",
                 num_cpus=num_cpus,
@@ -104,8 +104,9 @@ def start_local_ray(
 
 
 @contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """`values` set in this process's environment for the duration, then the previous values restored."""
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in this process's environment for the duration (processes started inside inherit them),
+    then the previous values restored."""
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:
