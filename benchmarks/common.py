@@ -283,7 +283,7 @@ def local_ray(num_cpus: int, object_store_mb: int = 1000) -> Iterator[None]:
     """
     import ray
 
-    from pipeline.runtime import configure_data_context
+    from pipeline.core.runtime import configure_data_context
 
     if ray.is_initialized():
         raise RuntimeError("a benchmark starts its own Ray; one is already running in this process")
@@ -320,7 +320,7 @@ def moto_s3() -> Iterator[str]:
     """
     from moto.server import ThreadedMotoServer
 
-    from pipeline.runtime import environment
+    from pipeline.core.runtime import environment
 
     port = free_port()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise

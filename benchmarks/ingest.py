@@ -58,9 +58,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import Row, local_ray, main, make_bucket, moto_s3, ratio, tiny
-from pipeline.config import Config, load_config
+from pipeline.core.config import Config, load_config
+from pipeline.core.storage import read_bytes, url_to_fs
 from pipeline.demo_data import PHOTOS, DemoSpec, write_demo_data
-from pipeline.storage import read_bytes, url_to_fs
 from stages.decode import DecodeOptions, decode_image
 from stages.read import ImageListing, list_images
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.common import Row, main, tiny
-from pipeline.mae import build_mae
+from pipeline.models.mae import build_mae
 from pipeline.train import build_optimizer
 
 log = logging.getLogger(__name__)

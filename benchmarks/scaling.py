@@ -32,7 +32,7 @@ from ray.data import ExecutionResources
 
 from benchmarks.common import Row, local_ray, main, ratio, repeat, tiny, with_start_retries
 from benchmarks.ingest import OUTPUT_PX, write_images
-from pipeline.config import Config, load_config
+from pipeline.core.config import Config, load_config
 from pipeline.curate import curate
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def cluster_spread(config: Config) -> list[Row]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.runtime import configure_data_context
+    from pipeline.core.runtime import configure_data_context
     from stages.decode import DecodeOptions, DecodeStage
     from stages.read import list_images, read_images
 

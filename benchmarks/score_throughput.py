@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Row, local_ray, main, ratio, tiny
-from pipeline.config import ScoreConfig
+from pipeline.core.config import ScoreConfig
 from stages.score import ProxySpec, build_proxy, el2n, grand_last_layer, score_rows, to_input
 
 log = logging.getLogger(__name__)

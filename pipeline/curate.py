@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config
-from pipeline.storage import join, output_lock
+from pipeline.core.config import Config
+from pipeline.core.errors import UserInputError
+from pipeline.core.storage import join, output_lock
 from stages.decode import DecodeOptions, DecodeStage
 from stages.manifest import MANIFEST_NAME, QUARANTINE_NAME, write_manifest, write_quarantine
 from stages.read import ImageListing, ReadBytes, list_images, read_images
@@ -32,7 +33,7 @@ class StageChainError(ValueError):
     """A stage needs a column that no earlier stage makes."""
 
 
-class NothingDecoded(ValueError):
+class NothingDecoded(UserInputError):
     """Every listed object was quarantined: there is nothing to score, prune or train on."""
 
 

@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from pipeline.storage import join, to_url, url_to_fs
+from pipeline.core.errors import UserInputError
+from pipeline.core.storage import join, to_url, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,15 @@ class DemoSpec:
     def __post_init__(self) -> None:
         unknown = set(self.sources) - set(SOURCES)
         if unknown or not self.sources:
-            raise ValueError(f"unknown demo source(s) {sorted(unknown)}; choose from {', '.join(SOURCES)}")
+            raise UserInputError(
+                f"unknown demo source(s) {sorted(unknown)}; choose from {', '.join(SOURCES)}"
+            )
         if not 0.0 <= self.noise < 1.0:
-            raise ValueError(f"--noise must be in [0, 1), got {self.noise}")
+            raise UserInputError(f"--noise must be in [0, 1), got {self.noise}")
         if self.per_class < 1 or self.size < 8 or self.bad < 0:
-            raise ValueError("per_class ≥ 1, size ≥ 8 and bad ≥ 0 are required")
+            raise UserInputError("per_class ≥ 1, size ≥ 8 and bad ≥ 0 are required")
         if self.image_format not in ("png", "jpg", "mixed"):
-            raise ValueError(f"--format must be png, jpg or mixed, got {self.image_format!r}")
+            raise UserInputError(f"--format must be png, jpg or mixed, got {self.image_format!r}")
 
 
 # ---------------------------------------------------------------------------------------------- sources

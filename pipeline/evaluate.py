@@ -19,7 +19,6 @@ from), so "pretraining helped" means beating it.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -30,9 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import Config
-from pipeline.mae import SIZES, MAESize, MaskedAutoencoder, get_size, normalize_images
-from pipeline.storage import join, read_bytes, url_to_fs
+from pipeline.core.config import Config
+from pipeline.core.errors import UserInputError
+from pipeline.models.checkpoint import (
+    encoder_from_state,
+    extract_features,
+    read_encoder_state,
+    size_from_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,73 +56,6 @@ class EvaluateResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------- encoder
-
-
-def read_encoder_state(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """An encoder state dict (timm keys) from `encoder.pth`, a pretraining output folder (its
-    `encoder.pth`) or a checkpoint folder / `state.pt` (the encoder part of the saved model)."""
-    fs, path = url_to_fs(url, storage_options)
-    if fs.isdir(path):
-        for name in ("encoder.pth", "state.pt"):
-            if fs.exists(f"{path.rstrip('/')}/{name}"):
-                url = join(url, name)
-                break
-        else:
-            raise FileNotFoundError(f"no encoder.pth or state.pt under {url}")
-    state = torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "model" in state:
-        state = state["model"]
-    prefixes = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-    return {k: v for k, v in state.items() if k.startswith(prefixes)}
-
-
-def size_from_state(state: dict[str, torch.Tensor], hint: str | None = None) -> MAESize:
-    """The architecture that `state` fits: width, depth, patch and image size from the tensor shapes; heads
-    from the named size with that width and depth (`hint` first, e.g. pretrain.model)."""
-    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
-        raise ValueError("not a ViT encoder state dict: cls_token / patch_embed.proj.weight missing")
-    dim = int(state["cls_token"].shape[-1])
-    patch = int(state["patch_embed.proj.weight"].shape[-1])
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
-    names = ([hint] if hint else []) + list(SIZES)
-    for name in names:
-        size = get_size(name)
-        if (size.embed_dim, size.depth, size.patch_size) == (dim, depth, patch):
-            return get_size(name, img_size=grid * patch)
-    raise ValueError(f"no known size has width {dim}, depth {depth}, patch {patch}; see pipeline/mae.py")
-
-
-def encoder_from_state(size: MAESize, state: dict[str, torch.Tensor] | None) -> MaskedAutoencoder:
-    """The MAE of `size` with the encoder weights `state` (timm keys, every one required); None: MAE's
-    initialisation (the baseline). Only its encoder is used (`encode`)."""
-    model = MaskedAutoencoder(size)
-    if state is not None:
-        expected = set(model.encoder_state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"the encoder weights do not match {size.timm_name} at {size.img_size} px: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        model.load_state_dict(state, strict=False)  # strict about shapes; the decoder keeps its init
-    return model.eval()
-
-
-@torch.no_grad()
-def extract_features(
-    encoder: MaskedAutoencoder, images: np.ndarray, pool: str = "mean", batch: int = 256
-) -> torch.Tensor:
-    """images (N, S, S, 3) uint8 → features (N, D): the CLS token or the mean patch token."""
-    out = []
-    for start in range(0, len(images), batch):
-        x = normalize_images(torch.from_numpy(np.ascontiguousarray(images[start : start + batch])))
-        tokens = encoder.encode(x)  # (n, 1 + L, D)
-        out.append(tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1))
-    return torch.cat(out).float()
 
 
 # ---------------------------------------------------------------------------------------------- probes
@@ -221,7 +158,7 @@ def load_labeled(data_url: str, config: Config, size: int) -> tuple[np.ndarray, 
     for path, reason in reasons.items():
         log.info("evaluate: skipping %s (%s)", path, reason)
     if not ok.any():
-        raise ValueError(f"no decodable labeled images under {data_url}")
+        raise UserInputError(f"no decodable labeled images under {data_url}")
     return images[ok], labels[ok]
 
 

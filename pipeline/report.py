@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from pipeline.storage import atomic_write_bytes, exists, join, read_bytes
+from pipeline.core.storage import atomic_write_bytes, exists, join, read_bytes
 from stages.decode import BadImage, DecodeOptions, decode_image
 from stages.manifest import MANIFEST_NAME, QUARANTINE_NAME, read_table
 

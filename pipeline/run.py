@@ -29,9 +29,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from pipeline.config import Config, dump_config
+from pipeline.core.config import Config, dump_config
+from pipeline.core.storage import atomic_write_bytes, exists, join, read_bytes
 from pipeline.curate import CurateResult, Progress, curate, new_run_id
-from pipeline.storage import atomic_write_bytes, exists, join, read_bytes
 
 log = logging.getLogger(__name__)
 

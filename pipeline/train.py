@@ -22,13 +22,12 @@ runs `train_loop`:
   cache a resumed run goes on with the batch after the checkpoint's; streamed from storage it starts the
   data order over (skipping ahead would mean reading again every image already trained on).
 - Rank 0 writes `<output>/metrics.jsonl` (one line per `log_every` steps and at each report) and, at the end,
-  `<output>/encoder.pth` (timm ViT keys; see `pipeline.mae`).
+  `<output>/encoder.pth` (timm ViT keys; see `pipeline.models.mae`).
 - A non-finite loss stops every worker at the same step with a message; `pretrain` raises `TrainingDiverged`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -54,10 +53,13 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from pipeline.config import Config
-from pipeline.mae import MaskedAutoencoder, encoder_bytes, normalize_images, size_of
-from pipeline.masking import Masker, lr_at, mask_ratio_at
-from pipeline.storage import atomic_write_bytes, is_local, join, pyarrow_filesystem, url_to_fs
+from pipeline.core.config import Config
+from pipeline.core.errors import MaskdietError, UserInputError
+from pipeline.core.storage import atomic_write_bytes, is_local, join, pyarrow_filesystem, url_to_fs
+from pipeline.models.checkpoint import encoder_bytes, load_warm_start
+from pipeline.models.mae import MaskedAutoencoder, normalize_images, size_of
+from pipeline.models.masking import Masker
+from pipeline.models.schedules import lr_at, mask_ratio_at
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ METRICS_NAME = "metrics.jsonl"
 STATE_NAME = "state.pt"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(MaskdietError, RuntimeError):
     """The loss became NaN or infinite; the message names the step and what to try."""
 
 
@@ -316,20 +318,6 @@ def build_optimizer(
     )
 
 
-def _load_warm_start(model: MaskedAutoencoder, url: str, storage_options: dict[str, Any]) -> None:
-    """Initialise from an `encoder.pth` (encoder only) or a checkpoint's `state.pt` (whole model)."""
-    from pipeline.storage import read_bytes
-
-    if not url.endswith((".pth", ".pt")):
-        url = join(url, STATE_NAME)
-    state = torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location="cpu", weights_only=False)
-    weights = state.get("model", state)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected:
-        raise ValueError(f"warm start {url} has keys this model lacks, e.g. {unexpected[:3]}")
-    log.info("warm start from %s (%d keys not in it)", url, len(missing))
-
-
 class _Validator:
     """val_loss: masked-reconstruction loss on fixed images under a fixed random mask (same every call)."""
 
@@ -433,7 +421,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.warning("resuming %s from step %d", ctx.get_experiment_name(), step)
     elif pre.warm_start:
-        _load_warm_start(model, pre.warm_start, so)
+        load_warm_start(model, pre.warm_start, so)
     raw = model
     ddp = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
     if rank == 0:
@@ -534,7 +522,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if step >= pre.steps:
                 break
         if done == 0:
-            raise RuntimeError(
+            raise UserInputError(
                 f"the training data gave no batch of {pre.batch_size} per worker: lower pretrain.batch_size"
             )
     if not reported:  # resumed a finished run: report its last metrics so the result carries them

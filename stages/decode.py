@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.config import DecodeConfig
+from pipeline.core.config import DecodeConfig
 
 QUARANTINE_REASONS = ("missing", "empty", "too-large", "not-an-image", "truncated", "corrupt")
 

@@ -91,8 +91,13 @@ def encoder_embeddings(
 ) -> np.ndarray:
     """Embed images (N, S, S, 3) uint8 with a maskdiet MAE encoder (`encoder.pth`, an output folder or a
     checkpoint; timm ViT keys): the frozen encoder's mean patch token, L2-normalised: (N, D). Loading and
-    feature extraction are `pipeline.evaluate`'s, so scoring sees the same features as the kNN probe."""
-    from pipeline.evaluate import encoder_from_state, extract_features, read_encoder_state, size_from_state
+    feature extraction are `pipeline.models.checkpoint`'s, so scoring sees the same features as the kNN probe."""
+    from pipeline.models.checkpoint import (
+        encoder_from_state,
+        extract_features,
+        read_encoder_state,
+        size_from_state,
+    )
 
     state = read_encoder_state(url, storage_options)
     encoder = encoder_from_state(size_from_state(state), state)

@@ -4,7 +4,7 @@
 harder examples; a score column that was not computed is null. `quarantine.parquet` has one row per object
 that could not be decoded. Key-value metadata holds the config (secrets redacted), the maskdiet version and
 the run id. The file is serialised in memory, then written in one atomic step (see
-`pipeline.storage.atomic_write_bytes`), so a reader never sees half a manifest.
+`pipeline.core.storage.atomic_write_bytes`), so a reader never sees half a manifest.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import __version__
-from pipeline.storage import atomic_write_bytes, url_to_fs
+from pipeline.core.storage import atomic_write_bytes, url_to_fs
 
 SCORE_COLUMNS = ("el2n", "el2n_std", "grand", "forgetting", "prototype")
 

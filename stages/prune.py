@@ -34,7 +34,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from pipeline.config import PruneConfig
+from pipeline.core.config import PruneConfig
+from pipeline.core.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def prune(frame: pd.DataFrame, config: PruneConfig) -> pd.DataFrame:
         score = np.zeros(len(candidates))
     else:
         if "score" not in out or out["score"].isna().all():
-            raise ValueError(f"prune.policy={policy} needs a `score` column with values; score first")
+            raise UserInputError(f"prune.policy={policy} needs a `score` column with values; score first")
         raw = out["score"].to_numpy(dtype=np.float64)[candidates]
         unknown = np.isnan(raw)
         if unknown.any():
@@ -150,7 +151,7 @@ def prune(frame: pd.DataFrame, config: PruneConfig) -> pd.DataFrame:
         reason[candidates[hard]] = "pruned:hard"
     elif policy == "class-balanced":
         if "label" not in out:
-            raise ValueError("prune.policy=class-balanced needs a `label` column")
+            raise UserInputError("prune.policy=class-balanced needs a `label` column")
         labels = out["label"].to_numpy()[candidates]
         classes = np.unique(labels)
         members = [np.flatnonzero(labels == c) for c in classes]
@@ -163,7 +164,7 @@ def prune(frame: pd.DataFrame, config: PruneConfig) -> pd.DataFrame:
             picks.append(m[kept_local])
         kept_pos = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
     else:
-        raise ValueError(f"unknown prune.policy {policy!r}")
+        raise UserInputError(f"unknown prune.policy {policy!r}")
 
     reason[candidates[kept_pos]] = "kept"
     out["kept"] = reason == "kept"

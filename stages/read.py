@@ -28,14 +28,15 @@ import ray
 import ray.data
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config import DataConfig
-from pipeline.runtime import RETRIED_IO_ERRORS
-from pipeline.storage import StorageError, check_readable, to_url, url_to_fs
+from pipeline.core.config import DataConfig
+from pipeline.core.errors import UserInputError
+from pipeline.core.runtime import RETRIED_IO_ERRORS
+from pipeline.core.storage import StorageError, check_readable, to_url, url_to_fs
 
 log = logging.getLogger(__name__)
 
 
-class LabelsError(ValueError):
+class LabelsError(UserInputError):
     """The labels table is unusable; the message names the problem rows."""
 
 
@@ -181,7 +182,7 @@ class ReadBytes:
     One call fetches a whole batch: `fs.cat_ranges`, which s3fs and gcsfs run as concurrent requests, so a
     batch of small objects costs about one round trip instead of one per object. (Not `fs.cat`: it expands
     `[`, `*` and `?` in a name as a pattern, and those are legal in object names.) Transient object-store
-    errors (`pipeline.runtime.RETRIED_IO_ERRORS`) are retried with backoff, for the failed objects only.
+    errors (`pipeline.core.runtime.RETRIED_IO_ERRORS`) are retried with backoff, for the failed objects only.
     Local files are read directly: fsspec's local `cat` costs about twice as much per file (measured: 54
     against 30 µs for a 13 KB JPEG, a tenth of its decode).
     """

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import Config, ScoreConfig
-from pipeline.runtime import cluster_cpus
+from pipeline.core.config import Config, ScoreConfig
+from pipeline.core.errors import UserInputError
+from pipeline.core.runtime import cluster_cpus
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def build_proxy(name: str, num_classes: int) -> ProxyNet:
 
         trunk = timm.create_model("resnet18", pretrained=False, num_classes=0)
         return ProxyNet(trunk, trunk.num_features, num_classes)
-    raise ValueError(f"unknown score.model {name!r}; expected cnn-small or resnet18")
+    raise UserInputError(f"unknown score.model {name!r}; expected cnn-small or resnet18")
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
@@ -499,7 +500,7 @@ def score_decoded(decoded: Any, config: Config, progress: Progress | None = None
     label_free = method == "prototype"
     num_classes = max(len(decoded.classes), int(labels.max()) + 1 if len(labels) else 1)
     if not label_free and (labels < 0).any():
-        raise ValueError(
+        raise UserInputError(
             f"score.method={method} needs labels, but {int((labels < 0).sum())} image(s) have none "
             "(files directly under the root); use --score prototype for unlabeled data"
         )
@@ -607,6 +608,6 @@ def score_decoded(decoded: Any, config: Config, progress: Progress | None = None
 
 
 def _join(url: str, name: str) -> str:
-    from pipeline.storage import join
+    from pipeline.core.storage import join
 
     return join(url, name)

@@ -7,7 +7,7 @@ so the cache is a folder per scoring key:
     <score.cache_url>/<key>/models.pt                 the K proxies' weights (+ k-means prototypes)
     <score.cache_url>/<key>/scores/<ns>.parquet      sha256, label, el2n, el2n_std, grand, forgetting, prototype
 
-A run writes one new shard of rows (atomically, via `pipeline.storage.atomic_write_bytes`); a lookup reads
+A run writes one new shard of rows (atomically, via `pipeline.core.storage.atomic_write_bytes`); a lookup reads
 every shard and matches on sha256 and label (a relabelled image is a miss). Past `MAX_SHARDS` shards the
 cache rewrites itself as one shard. New images are scored by the cached proxies, so old and new scores
 come from the same models.
@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.config import Config
-from pipeline.storage import atomic_write_bytes, join, url_to_fs
+from pipeline.core.config import Config
+from pipeline.core.storage import atomic_write_bytes, join, url_to_fs
 
 log = logging.getLogger(__name__)
 

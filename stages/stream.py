@@ -38,7 +38,8 @@ import ray
 import ray.data
 from PIL import Image
 
-from pipeline.config import Config
+from pipeline.core.config import Config
+from pipeline.core.errors import UserInputError
 from stages.decode import BadImage, DecodeOptions, DecodeStage, decode_image
 from stages.manifest import read_table
 from stages.read import ImageListing, ReadBytes, read_images
@@ -53,7 +54,7 @@ def load_kept(manifest_url: str, storage_options: dict[str, Any] | None = None) 
         frame = frame[frame["kept"].fillna(False).astype(bool)]
     frame = frame.sort_values("path", kind="stable").reset_index(drop=True)
     if frame.empty:
-        raise ValueError(f"manifest {manifest_url} keeps no images: nothing to pretrain on")
+        raise UserInputError(f"manifest {manifest_url} keeps no images: nothing to pretrain on")
     return frame
 
 
@@ -280,7 +281,7 @@ def cached_batches(
 
     The workers take the rows straight from the shared array: with nothing to read or decode, a Ray Data
     pipeline would only add its scheduler (which, held back by a slower trainer, spun a core until
-    `pipeline.runtime.IdleWait`)."""
+    `pipeline.core.runtime.IdleWait`)."""
     images = ray.get(cache.images)  # on the same node: a read-only view of the shared array, no copy
     paths = cache.frame["path"].to_numpy()
     labels = cache.frame["label"].to_numpy(dtype=np.int64)

@@ -40,7 +40,7 @@ def ray_cluster(s3_server: str) -> Iterator[None]:
     """One local Ray for the whole session (2 CPUs, dashboard on: Tune needs its State API)."""
     import ray
 
-    from pipeline.runtime import configure_data_context, start_local_ray
+    from pipeline.core.runtime import configure_data_context, start_local_ray
 
     # Ray gives a starting node a fixed 30 s to register (and the dashboard a few more); on a loaded machine
     # either can miss it. A fresh start usually succeeds: try up to three times.
@@ -114,7 +114,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5.0)
 
-    from pipeline.jobs import JobsError, connect, list_jobs
+    from pipeline.ops.jobs import JobsError, connect, list_jobs
 
     # Ray gives its raylet a fixed 30 s to register; on a loaded machine that can fail: try again.
     for attempt in range(3):

@@ -40,7 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline.config import Config, ConfigError
+from pipeline.core.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def _check_field_values(name: str, axis: Axis, base: dict[str, Any]) -> None:
 def _check_corners(config: Config, space: SearchSpace) -> None:
     """Validate whole configs at the corners of the space (cross-key rules such as a schedule's end, and the
     model's shape)."""
-    from pipeline.mae import size_of
+    from pipeline.models.mae import size_of
 
     base = config.model_dump()
     for axis in space.axes:

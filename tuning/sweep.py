@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, ConfigError, dump_config, load_config
-from pipeline.storage import atomic_write_bytes, exists, join, pyarrow_filesystem, url_to_fs
+from pipeline.core.config import Config, ConfigError, dump_config, load_config
+from pipeline.core.storage import atomic_write_bytes, exists, join, pyarrow_filesystem, url_to_fs
 from tuning.space import STANDARD_COLUMNS, SearchSpace, build_search_space, get_dotted, trial_config
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def run_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.runtime import configure_data_context
+    from pipeline.core.runtime import configure_data_context
     from pipeline.train import build_trainer
 
     configure_data_context()  # this actor drives its own Ray Data pipeline: our progress and retry settings
@@ -211,7 +211,7 @@ def sweep_root(config: Config) -> str:
 
 def _storage(url: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
     """(storage path, pyarrow filesystem or None) for Tune: object stores go through fsspec (endpoint vars)."""
-    from pipeline.storage import is_local
+    from pipeline.core.storage import is_local
 
     fs, path = url_to_fs(url, storage_options)
     if is_local(fs):

@@ -25,7 +25,7 @@ import typer.main
 import yaml
 
 from pipeline.cli import app
-from pipeline.schedule import DEFAULT_IMAGE, Schedule, export_manifest, ray_cluster_spec
+from pipeline.ops.schedule import DEFAULT_IMAGE, Schedule, export_manifest, ray_cluster_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -191,7 +191,8 @@ def test_images_match_the_dockerfile() -> None:
     base = re.search(r"^ARG RAY_IMAGE=(\S+)", dockerfile, re.MULTILINE)
     assert base and base.group(1).startswith(f"rayproject/ray:{ray.__version__}-py311")
     assert "FROM ${RAY_IMAGE}" in dockerfile
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = [pattern.rstrip("*") for pattern in find["include"]]
     for package in packages:
         assert re.search(rf"^COPY .*\b{package} \./{package}$", dockerfile, re.MULTILINE), package
     assert re.search(r"^RUN pip install --no-cache-dir \. ", dockerfile, re.MULTILINE)

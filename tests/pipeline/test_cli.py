@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app, loss_change
+from pipeline.cli import app
+from pipeline.cli.common import loss_change
 from pipeline.demo_data import DemoSpec, write_demo_data
 
 runner = CliRunner()

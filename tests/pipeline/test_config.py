@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.core.config import ConfigError, dump_config, load_config
 
 
 def test_defaults_load_and_round_trip(tmp_path: Path) -> None:
@@ -76,13 +76,13 @@ def test_the_example_demo_is_the_embedded_demo() -> None:
     """`maskdiet run examples/demo.yaml` and `maskdiet run` train the same thing."""
     from importlib.resources import files
 
-    embedded = load_config(str(files("pipeline") / "demo.yaml"))
+    embedded = load_config(str(files("pipeline.core") / "demo.yaml"))
     example = load_config(Path(__file__).parents[2] / "examples" / "demo.yaml")
     assert example.pretrain == embedded.pretrain and example.prune == embedded.prune
 
 
 def test_command_flags_beat_the_file_and_set_beats_both(tmp_path: Path) -> None:
-    from pipeline.cli import make_config
+    from pipeline.cli.common import make_config
 
     path = tmp_path / "c.yaml"
     path.write_text("output: from-file\npretrain:\n  steps: 50\n  num_workers: 2\n")
@@ -96,7 +96,7 @@ def test_command_flags_beat_the_file_and_set_beats_both(tmp_path: Path) -> None:
 
 def test_keep_flag_wins_over_a_files_keep_count(tmp_path: Path) -> None:
     """`curate -c f.yaml --keep 0.5` keeps half even when f.yaml sets prune.keep_count (which beats keep)."""
-    from pipeline.cli import keep_flag_wins, make_config
+    from pipeline.cli.common import keep_flag_wins, make_config
 
     path = tmp_path / "c.yaml"
     path.write_text("prune:\n  keep_count: 1000\n")

@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.evaluate import (
     evaluate_encoder,
     knn_accuracy,
     linear_probe_accuracy,
-    read_encoder_state,
-    size_from_state,
     split_indices,
 )
-from pipeline.mae import build_mae, export_encoder
+from pipeline.models.checkpoint import export_encoder, read_encoder_state, size_from_state
+from pipeline.models.mae import build_mae
 
 
 def _clusters(n_per_class: int, classes: int, dim: int, spread: float, seed: int):
@@ -106,8 +105,8 @@ def test_evaluate_command_reports_pretrained_and_random_init(tmp_path) -> None:
 
 def test_encoder_weights_must_match_the_size() -> None:
     """Evaluation loads exactly the encoder's keys: a foreign or partial state dict is refused by name."""
-    from pipeline.evaluate import encoder_from_state
-    from pipeline.mae import build_mae, get_size
+    from pipeline.models.checkpoint import encoder_from_state
+    from pipeline.models.mae import build_mae, get_size
 
     size = get_size("mae_vit_micro_patch4")
     state = build_mae("mae_vit_micro_patch4").encoder_state_dict()

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import jobs
 from pipeline.cli import app
+from pipeline.ops import jobs
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -215,7 +215,7 @@ def test_a_job_knows_its_submission_id() -> None:
 
 def test_a_real_job_sees_its_submission_id(ray_head: str) -> None:
     sid = f"whoami-{os.getpid()}-{int(time.time())}"
-    probe = "from pipeline.jobs import current_submission_id as c; print('submission id:', c())"
+    probe = "from pipeline.ops.jobs import current_submission_id as c; print('submission id:', c())"
     code, stdout, stderr = _cli(
         "jobs", "submit", "--address", ray_head, "--submission-id", sid, "--follow", "--",
         sys.executable, "-c", probe,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.mae import (
+from pipeline.models.checkpoint import export_encoder
+from pipeline.models.mae import (
     SIZES,
     build_mae,
-    export_encoder,
     get_size,
     mask_from_noise,
     num_kept,
@@ -132,7 +132,7 @@ def test_our_vit_block_computes_what_timm_block_computes() -> None:
 
     from timm.models.vision_transformer import Block as TimmBlock
 
-    from pipeline.vit import Block
+    from pipeline.models.vit import Block
 
     ours = Block(64, 4, mlp_ratio=4.0).eval()
     theirs = TimmBlock(64, 4, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
@@ -147,5 +147,5 @@ def test_training_code_does_not_import_timm() -> None:
     import subprocess
     import sys
 
-    code = "import sys, pipeline.train, pipeline.mae; sys.exit('timm' in sys.modules or 'torchvision' in sys.modules)"
+    code = "import sys, pipeline.train, pipeline.models.mae; sys.exit('timm' in sys.modules or 'torchvision' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

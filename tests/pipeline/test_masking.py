@@ -9,17 +9,16 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pipeline.config import MaskConfig, PretrainConfig
-from pipeline.mae import build_mae, num_kept
-from pipeline.masking import (
+from pipeline.core.config import MaskConfig, PretrainConfig
+from pipeline.models.mae import build_mae, num_kept
+from pipeline.models.masking import (
     Masker,
     block_mask,
     hard_patch_mask,
-    lr_at,
-    mask_ratio_at,
     num_masked,
     random_mask,
 )
+from pipeline.models.schedules import lr_at, mask_ratio_at
 
 
 @pytest.mark.parametrize("strategy", ["random", "block", "hard-patch"])
@@ -39,7 +38,7 @@ def test_masker_noise_drives_the_model_to_the_same_mask() -> None:
     model = build_mae("mae_vit_micro_patch4")
     masker = Masker(MaskConfig(strategy="block"), grid=8, seed=0)
     wanted = masker.mask(2, 0.75)
-    from pipeline.masking import noise_from_mask
+    from pipeline.models.masking import noise_from_mask
 
     _, mask, _ = model.forward_encoder(torch.randn(2, 3, 32, 32), 0.75, noise_from_mask(wanted))
     assert torch.equal(mask.bool(), wanted)

@@ -104,7 +104,7 @@ def test_incremental_run_on_s3(ray_cluster: None, s3_bucket: str) -> None:
 def test_previous_run_lends_its_score_cache_across_outputs(tmp_path: Path) -> None:
     """`--previous DIR` reuses that run's scores even when this run writes to another output: the cache is
     the one its saved config names; an explicit score.cache_url still wins."""
-    from pipeline.config import dump_config, load_config
+    from pipeline.core.config import dump_config, load_config
     from pipeline.run import score_cache_url
 
     old_run = tmp_path / "old" / "runs" / "r1"

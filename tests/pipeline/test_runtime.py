@@ -11,7 +11,7 @@ import time
 import numpy as np
 import ray.data
 
-from pipeline.runtime import PREEMPTION_WATCHER, IdleWait
+from pipeline.core.runtime import PREEMPTION_WATCHER, IdleWait
 
 
 def _driver_cpu_share(batches: int, seconds_per_batch: float) -> float:
@@ -44,7 +44,7 @@ def test_scheduling_loop_rests_while_a_slow_consumer_holds_it_back(ray_cluster: 
 
 START = """
 import logging, os, ray
-from pipeline.runtime import PREEMPTION_WATCHER, start_local_ray
+from pipeline.core.runtime import PREEMPTION_WATCHER, start_local_ray
 logging.basicConfig(level=logging.WARNING)
 start_local_ray(num_cpus=1, include_dashboard=False)
 print("cpus", ray.cluster_resources()["CPU"])

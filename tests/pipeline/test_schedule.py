@@ -16,9 +16,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import jobs
 from pipeline.cli import app
-from pipeline.schedule import (
+from pipeline.ops import jobs
+from pipeline.ops.schedule import (
     RayJobsSubmitter,
     Schedule,
     ScheduleError,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import Config, load_config
+from pipeline.core.config import Config, load_config
+from pipeline.core.storage import join, url_to_fs
 from pipeline.demo_data import DemoSpec, write_demo_data
-from pipeline.evaluate import read_encoder_state, size_from_state
-from pipeline.mae import timm_encoder
-from pipeline.storage import join, url_to_fs
+from pipeline.models.checkpoint import read_encoder_state, size_from_state
+from pipeline.models.mae import timm_encoder
 from pipeline.train import TrainingDiverged, build_trainer, pretrain, read_metrics, worker_resources
 from stages.manifest import write_manifest
 from stages.read import list_images

@@ -131,7 +131,7 @@ def corpus() -> list[CorpusFile]:
 
 def write_corpus(url: str, files: list[CorpusFile], storage_options: dict | None = None) -> None:
     """Write the corpus under `url` (any fsspec URL), plus sidecars that listing must skip."""
-    from pipeline.storage import url_to_fs
+    from pipeline.core.storage import url_to_fs
 
     fs, root = url_to_fs(url, storage_options)
     root = root.rstrip("/")

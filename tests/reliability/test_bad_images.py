@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.curate import decode_listing
 from stages.read import list_images
 

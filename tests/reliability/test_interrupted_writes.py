@@ -19,8 +19,8 @@ import ray
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.core.storage import LOCK_NAME, LockHeld, exists, output_lock, url_to_fs
 from pipeline.demo_data import DemoSpec, write_demo_data
-from pipeline.storage import LOCK_NAME, LockHeld, exists, output_lock, url_to_fs
 from stages.manifest import read_table
 
 runner = CliRunner()
@@ -88,7 +88,7 @@ def test_kill_during_manifest_write_keeps_the_previous_one(
 WRITER = textwrap.dedent(
     """
     import sys
-    from pipeline.storage import atomic_write_bytes
+    from pipeline.core.storage import atomic_write_bytes
     url, size = sys.argv[1], int(sys.argv[2])
     version = 0
     while True:
@@ -131,7 +131,7 @@ COMMITTER = textwrap.dedent(
     """
     import sys
     import pandas as pd
-    from pipeline.storage import join, output_lock
+    from pipeline.core.storage import join, output_lock
     from stages.manifest import write_manifest, write_quarantine
     out, name, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
     for i in range(rounds):
@@ -178,7 +178,7 @@ def test_concurrent_runs_never_mix_their_files(where: str, tmp_path: Path, s3_bu
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from pipeline.storage import output_lock
+    from pipeline.core.storage import output_lock
     with output_lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(120)
@@ -230,8 +230,8 @@ def test_a_local_lock_appears_with_its_body_and_leaves_no_temporary_file(tmp_pat
 
     from fsspec.implementations.local import LocalFileSystem
 
-    from pipeline import storage
-    from pipeline.storage import _create_exclusive
+    from pipeline.core import storage
+    from pipeline.core.storage import _create_exclusive
 
     fs, path = LocalFileSystem(), str(tmp_path / "out" / LOCK_NAME)
     real_link, seen = os.link, []

@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.core.storage import url_to_fs
 from pipeline.demo_data import DemoSpec, write_demo_data
-from pipeline.storage import url_to_fs
 
 runner = CliRunner()
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.core.storage import join, url_to_fs
 from pipeline.demo_data import DemoSpec, write_demo_data
-from pipeline.storage import join, url_to_fs
 from stages.manifest import write_manifest
 from stages.read import list_images
 

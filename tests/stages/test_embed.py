@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.curate import Decoded
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.embed import near_duplicate_groups, prototype_scores
@@ -97,7 +97,8 @@ def test_label_free_prototype_scores_flag_foreign_images(ray_cluster: None, tmp_
 
 def test_prototype_embeddings_from_a_maskdiet_encoder(tmp_path: Path) -> None:
     """`score.encoder` = an MAE `encoder.pth`: unit-norm embeddings, one per image, same input → same output."""
-    from pipeline.mae import build_mae, export_encoder
+    from pipeline.models.checkpoint import export_encoder
+    from pipeline.models.mae import build_mae
     from stages.embed import encoder_embeddings
 
     torch.manual_seed(0)
@@ -115,7 +116,8 @@ def test_prototype_embeddings_from_a_maskdiet_encoder(tmp_path: Path) -> None:
 def test_prototype_scores_with_an_encoder_train_no_proxies(tmp_path: Path) -> None:
     """With `score.encoder`, the prototype distances come from its embeddings alone: no rotation proxy is
     trained (they would cost K trainings and add nothing to the scores)."""
-    from pipeline.mae import build_mae, export_encoder
+    from pipeline.models.checkpoint import export_encoder
+    from pipeline.models.mae import build_mae
 
     torch.manual_seed(0)
     url = export_encoder(build_mae("mae_vit_micro_patch4", img_size=32), str(tmp_path / "encoder.pth"))

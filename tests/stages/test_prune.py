@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import PruneConfig
+from pipeline.core.config import PruneConfig
 from stages.prune import balanced_quotas, prune
 
 POLICIES = ("keep-hard", "offset", "keep-easy", "class-balanced", "stratified", "random")

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.curate import curate
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.decode import DecodeOptions, DecodeStage

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pipeline.config import Config, PruneConfig, ScoreConfig, load_config
+from pipeline.core.config import Config, PruneConfig, ScoreConfig, load_config
 from pipeline.curate import Decoded, decode_listing
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.prune import prune

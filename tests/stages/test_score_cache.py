@@ -12,7 +12,7 @@ import s3fs
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.curate import curate
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages import score_cache

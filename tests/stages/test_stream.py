@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import Config, load_config
+from pipeline.core.config import Config, load_config
+from pipeline.core.storage import join
 from pipeline.demo_data import DemoSpec, write_demo_data
-from pipeline.storage import join
 from stages.manifest import write_manifest
 from stages.read import list_images
 from stages.stream import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from ray import tune
 
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 from tuning.space import build_search_space, trial_config
 
 

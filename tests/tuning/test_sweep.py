@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 from tuning.sweep import SWEEP_CONFIG, latest_sweep
 
 STEPS = 20
@@ -158,7 +158,7 @@ def test_a_diverged_report_carries_every_metric_tune_may_watch() -> None:
     non-finite holds each metric a sweep may rank by (as NaN), so only that trial ends."""
     import typing
 
-    from pipeline.config import TuneConfig
+    from pipeline.core.config import TuneConfig
     from pipeline.train import diverged_metrics
 
     report = diverged_metrics(step=7, loss=float("inf"), message="non-finite loss (inf) at step 7")
@@ -275,7 +275,7 @@ def test_sweep_interrupt_resume_asha_and_best_config(
 
 def test_resume_names_the_settings_it_ignores(tmp_path: Path) -> None:
     """A resumed sweep runs on with its saved config: what the user changed since is listed, nothing else."""
-    from pipeline.config import dump_config
+    from pipeline.core.config import dump_config
     from tuning.sweep import ignored_on_resume
 
     started = load_config(None, ["pretrain.steps=40", "tune.manifest=/m/manifest.parquet", "tune.name=s1"])

@@ -21,7 +21,7 @@ Semantics:
   the same submission id.
 
 State store: one JSON object at an fsspec URL (default `~/.maskdiet/schedules.json`; on a cluster, e.g.
-`s3://bucket/maskdiet/schedules.json`), written whole with `pipeline.storage.atomic_write_bytes`. Why not
+`s3://bucket/maskdiet/schedules.json`), written whole with `pipeline.core.storage.atomic_write_bytes`. Why not
 SQLite: the scheduler runs where there is often no persistent disk (a Kubernetes CronJob pod, a laptop, a CI
 runner); an object in the same bucket as the data survives all of them, needs no volume, and a reader never
 sees half of it. The state is small (schedules plus a capped history). Writes are last-writer-wins; the
@@ -45,7 +45,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from pipeline.storage import atomic_write_bytes, exists, read_bytes
+from pipeline.core.errors import UserInputError
+from pipeline.core.storage import atomic_write_bytes, exists, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 Clock = Callable[[], dt.datetime]
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserInputError):
     """A schedule is unknown, malformed or conflicts with another; the message names it."""
 
 
@@ -193,7 +194,7 @@ def add_schedule(
         raise ScheduleError(f"bad concurrency {concurrency!r}: expected skip, queue or replace")
     if catch_up not in ("once", "all", "none"):
         raise ScheduleError(f"bad catch_up {catch_up!r}: expected once, all or none")
-    from pipeline.jobs import names_a_config
+    from pipeline.ops.jobs import names_a_config
 
     if names_a_config(list(command or DEFAULT_COMMAND)):  # each slot adds --config: two would fail every slot
         raise ScheduleError(
@@ -201,7 +202,7 @@ def add_schedule(
         )
     if "://" not in config:
         if not Path(config).is_file():
-            raise FileNotFoundError(f"config file not found: {config}")
+            raise ScheduleError(f"config file not found: {config}")
         config = str(Path(config).resolve())
     state = load_state(state_url, storage_options)
     if name in state.schedules and not replace:
@@ -282,20 +283,20 @@ class Submitter(Protocol):
 
 
 class RayJobsSubmitter:
-    """Submits through the Ray Jobs API (`pipeline.jobs`), one client per cluster address."""
+    """Submits through the Ray Jobs API (`pipeline.ops.jobs`), one client per cluster address."""
 
     def __init__(self) -> None:
         self._clients: dict[str | None, Any] = {}
 
     def _client(self, schedule: Schedule) -> Any:
-        from pipeline.jobs import connect
+        from pipeline.ops.jobs import connect
 
         if schedule.address not in self._clients:
             self._clients[schedule.address] = connect(schedule.address)
         return self._clients[schedule.address]
 
     def submit(self, schedule: Schedule, submission_id: str) -> bool:
-        from pipeline.jobs import JobsError, submit
+        from pipeline.ops.jobs import JobsError, submit
 
         try:
             submit(
@@ -312,7 +313,7 @@ class RayJobsSubmitter:
         return True
 
     def status(self, schedule: Schedule, submission_id: str) -> str | None:
-        from pipeline.jobs import job_exists, job_status
+        from pipeline.ops.jobs import job_exists, job_status
 
         client = self._client(schedule)
         if not job_exists(client, submission_id):
@@ -320,7 +321,7 @@ class RayJobsSubmitter:
         return job_status(client, submission_id, with_outputs=False).status
 
     def stop(self, schedule: Schedule, submission_id: str) -> None:
-        from pipeline.jobs import stop
+        from pipeline.ops.jobs import stop
 
         stop(self._client(schedule), submission_id, wait=60.0)
 

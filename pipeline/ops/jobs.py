@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import override_key
+from pipeline.core.config import override_key
+from pipeline.core.errors import MaskdietError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ _OUTPUT_LINE = re.compile(
 _SUBMISSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class JobsError(RuntimeError):
+class JobsError(MaskdietError, RuntimeError):
     """The cluster could not be used (unreachable, auth, unknown job); the message says what to set or do."""
 
 
@@ -263,7 +264,7 @@ def name_the_run(subcommand: str, tokens: Sequence[str], name: str, config: str 
 def _config_value(config: str, *keys: str) -> str | None:
     """A config file's value at `keys` ("" when it sets none), or None when the file cannot be read here."""
     try:
-        from pipeline.config import read_yaml
+        from pipeline.core.config import read_yaml
 
         value: Any = read_yaml(config)
     except Exception:  # a config we cannot read from here: the caller decides what not knowing means
@@ -294,24 +295,28 @@ def prepare_submission(
     """
     tokens = shlex.split(command) if isinstance(command, str) else list(command)
     if not tokens:
-        raise ValueError("no command to submit: give one after `--`, e.g. -- maskdiet curate --input URL")
+        raise UserInputError("no command to submit: give one after `--`, e.g. -- maskdiet curate --input URL")
     sid = submission_id or new_submission_id()
     if not _SUBMISSION_ID.match(sid):
-        raise ValueError(f"bad submission id {sid!r}: use letters, digits, '.', '_' or '-' (at most 128)")
+        raise UserInputError(f"bad submission id {sid!r}: use letters, digits, '.', '_' or '-' (at most 128)")
     is_maskdiet = Path(tokens[0]).name == "maskdiet"
     subcommand = tokens[1] if is_maskdiet and len(tokens) > 1 else ""
     runtime_env: dict[str, Any] = {}
     staged: str | None = None
     if config is not None:
         if not is_maskdiet:
-            raise ValueError(f"--config is passed to maskdiet commands only; the command is {tokens[0]!r}")
+            raise UserInputError(
+                f"--config is passed to maskdiet commands only; the command is {tokens[0]!r}"
+            )
         if names_a_config(tokens):
-            raise ValueError("give the config either to `jobs submit --config` or to the command, not both")
+            raise UserInputError(
+                "give the config either to `jobs submit --config` or to the command, not both"
+            )
         if "://" in config:
             ref = config
         else:
             if not Path(config).is_file():
-                raise FileNotFoundError(f"config file not found: {config}")
+                raise UserInputError(f"config file not found: {config}")
             staged = tempfile.mkdtemp(prefix="maskdiet-job-")
             shutil.copyfile(config, os.path.join(staged, CONFIG_NAME))
             runtime_env["working_dir"] = staged
@@ -410,7 +415,7 @@ class JobState:
             return printed
         meta = self.metadata
         if meta.get("command") == "run" and meta.get("output") and meta.get("run_id"):
-            from pipeline.storage import join
+            from pipeline.core.storage import join
 
             return join(meta["output"], "runs", meta["run_id"])
         return None
@@ -489,7 +494,7 @@ def wait_for(client: Any, submission_id: str, timeout: float = 600.0, poll: floa
         if status in TERMINAL_STATES:
             return status
         if time.monotonic() > deadline:
-            raise TimeoutError(f"job {submission_id} still {status} after {timeout:.0f} s")
+            raise JobsError(f"job {submission_id} still {status} after {timeout:.0f} s")
         time.sleep(poll)
 
 

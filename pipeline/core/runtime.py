@@ -19,7 +19,7 @@ import ray
 import ray.data
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-from pipeline.config import RayConfig
+from pipeline.core.config import RayConfig
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,12 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec import AbstractFileSystem
 
+from pipeline.core.errors import MaskdietError
+
 log = logging.getLogger(__name__)
 
 
-class StorageError(RuntimeError):
+class StorageError(MaskdietError, RuntimeError):
     """An object store or folder could not be used; the message says which URL and what to check."""
 
 

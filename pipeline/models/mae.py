@@ -1,4 +1,4 @@
-"""Masked Autoencoder (He et al. 2021) built from ViT pieces that match timm's (`pipeline.vit`).
+"""Masked Autoencoder (He et al. 2021) built from ViT pieces that match timm's (`pipeline.models.vit`).
 
 The model's `forward` is three named calls, as in facebookresearch/mae:
 
@@ -8,7 +8,7 @@ The model's `forward` is three named calls, as in facebookresearch/mae:
 
 Masking is "argsort of noise": each sample gets a score per patch, the lowest `len_keep` scores are kept
 (visible) and the rest are masked. Random masking draws uniform noise; the strategies in
-`pipeline.masking` (block-wise, hard-patch) produce their own noise, so any strategy drives the same model.
+`pipeline.models.masking` (block-wise, hard-patch) produce their own noise, so any strategy drives the same model.
 In `mask`, **0 is keep, 1 is remove** (MAE's convention).
 
 The encoder's parameters use `timm.models.vision_transformer.VisionTransformer`'s key names (`cls_token`,
@@ -19,7 +19,6 @@ The position embedding is a fixed 2-D sin-cos table (not trained); its CLS slot 
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.vit import LAYER_NORM_EPS, Block, PatchEmbed
+from pipeline.core.errors import UserInputError
+from pipeline.models.vit import LAYER_NORM_EPS, Block, PatchEmbed
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def get_size(
     key = ALIASES.get(name, name)
     if key not in SIZES:
         known = ", ".join([*SIZES, *ALIASES])
-        raise ValueError(f"unknown MAE size {name!r} (pretrain.model); expected one of: {known}")
+        raise UserInputError(f"unknown MAE size {name!r} (pretrain.model); expected one of: {known}")
     size = SIZES[key]
     changes: dict[str, Any] = {}
     if img_size is not None:
@@ -111,14 +111,16 @@ def get_size(
         changes["decoder_depth"] = decoder_depth
     size = replace(size, **changes)
     if size.img_size % size.patch_size:
-        raise ValueError(
+        raise UserInputError(
             f"image size {size.img_size} (pretrain.image_size, else decode.image_size) is not a multiple of "
             f"patch size {size.patch_size} ({size.timm_name})"
         )
     if size.decoder_dim % size.decoder_heads:
-        raise ValueError(f"decoder_dim {size.decoder_dim} must be a multiple of {size.decoder_heads} heads")
+        raise UserInputError(
+            f"decoder_dim {size.decoder_dim} must be a multiple of {size.decoder_heads} heads"
+        )
     if size.decoder_dim % 4:
-        raise ValueError(
+        raise UserInputError(
             f"decoder_dim {size.decoder_dim} must be a multiple of 4 (2-D sin-cos position table)"
         )
     return size
@@ -397,22 +399,6 @@ def build_mae(
     """An MAE of the named size (see SIZES / ALIASES)."""
     size = get_size(name, img_size, decoder_dim, decoder_depth)
     return MaskedAutoencoder(size, norm_pix_loss=norm_pix_loss, loss_head=loss_head)
-
-
-def encoder_bytes(model: MaskedAutoencoder) -> bytes:
-    """`encoder.pth` as bytes: a plain state dict with timm keys (loadable with torch.load, weights_only)."""
-    buffer = io.BytesIO()
-    torch.save(model.encoder_state_dict(), buffer)
-    return buffer.getvalue()
-
-
-def export_encoder(model: MaskedAutoencoder, url: str, storage_options: dict | None = None) -> str:
-    """Write the encoder to `url` (any fsspec URL, atomically); returns `url`."""
-    from pipeline.storage import atomic_write_bytes
-
-    atomic_write_bytes(url, encoder_bytes(model), storage_options)
-    log.info("wrote encoder (%s) to %s", model.size.timm_name, url)
-    return url
 
 
 def timm_encoder(size: MAESize, checkpoint_path: str | None = None) -> nn.Module:

@@ -1,7 +1,7 @@
-"""Mask strategies and schedules for MAE pretraining.
+"""Mask strategies for MAE pretraining.
 
 A strategy turns a batch into per-patch **noise** (N, L): the model keeps the `len_keep` lowest-noise
-patches and masks the rest (`pipeline.mae.mask_from_noise`). Every strategy masks exactly
+patches and masks the rest (`pipeline.models.mae.mask_from_noise`). Every strategy masks exactly
 `L - num_kept(L, ratio)` patches per sample, so the encoder's sequence length is the same across a batch.
 
 - `random`: uniform noise (MAE).
@@ -12,19 +12,20 @@ patches and masks the rest (`pipeline.mae.mask_from_noise`). Every strategy mask
   predicted-hardest patches make up a share of the mask that grows over training (easy-to-hard), the
   rest is random. At share 1 the mask is exactly the top predicted patches.
 
-Schedules: mask ratio constant / linear / cosine / step between `ratio` and `ratio_end`; learning rate with
-linear warmup then cosine / linear / constant.
+The mask-ratio and learning-rate schedules are in `pipeline.models.schedules`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from pipeline.config import MaskConfig, PretrainConfig
-from pipeline.mae import num_kept
+from pipeline.core.config import MaskConfig
+from pipeline.core.errors import UserInputError
+from pipeline.models.mae import num_kept
 
 
 def num_masked(num_patches: int, mask_ratio: float) -> int:
@@ -147,16 +148,12 @@ class Masker:
         """(N, L) bool, True = masked, exactly `num_masked(L, ratio)` per row."""
         length = self.grid * self.grid
         count = num_masked(length, ratio)
-        strategy = self.config.strategy
-        if strategy == "random":
-            return random_mask(n, length, count, self.generator)
-        if strategy == "block":
-            return block_mask(n, self.grid, count, self.rng, self.config.block_min_patches)
-        if strategy == "hard-patch":
-            if predicted is None:
-                raise ValueError("hard-patch masking needs the predicted per-patch loss")
-            return hard_patch_mask(predicted, count, self.hard_share(progress), self.generator)
-        raise ValueError(f"unknown mask strategy {strategy!r}; expected random, block or hard-patch")
+        strategy = STRATEGIES.get(self.config.strategy)
+        if strategy is None:
+            raise UserInputError(
+                f"unknown mask strategy {self.config.strategy!r}; expected one of {', '.join(STRATEGIES)}"
+            )
+        return strategy(self, n, count, progress, predicted)
 
     def __call__(
         self, n: int, ratio: float, progress: float = 0.0, predicted: torch.Tensor | None = None
@@ -164,33 +161,25 @@ class Masker:
         return noise_from_mask(self.mask(n, ratio, progress, predicted), self.generator)
 
 
-# ---------------------------------------------------------------------------------------------- schedules
+# Each strategy: (masker, N, count masked per row, progress, predicted per-patch loss) → (N, L) bool mask.
+def _random(m: Masker, n: int, count: int, progress: float, predicted: torch.Tensor | None) -> torch.Tensor:
+    return random_mask(n, m.grid * m.grid, count, m.generator)
 
 
-def mask_ratio_at(config: MaskConfig, step: int, total: int) -> float:
-    """The mask ratio at `step` of `total`: `ratio` at step 0, `ratio_end` at the last step."""
-    if config.schedule == "constant" or config.ratio_end is None:
-        return config.ratio
-    t = min(max(step / max(total - 1, 1), 0.0), 1.0)
-    start, end = config.ratio, config.ratio_end
-    if config.schedule == "linear":
-        return start + (end - start) * t
-    if config.schedule == "cosine":
-        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
-    if config.schedule == "step":
-        return end if t >= config.step_at else start
-    raise ValueError(f"unknown mask schedule {config.schedule!r}")
+def _block(m: Masker, n: int, count: int, progress: float, predicted: torch.Tensor | None) -> torch.Tensor:
+    return block_mask(n, m.grid, count, m.rng, m.config.block_min_patches)
 
 
-def lr_at(config: PretrainConfig, peak_lr: float, step: int) -> float:
-    """Learning rate at `step`: linear warmup to `peak_lr`, then cosine / linear decay to 0, or constant."""
-    total = config.steps
-    if config.warmup_steps and step < config.warmup_steps:
-        return peak_lr * (step + 1) / config.warmup_steps
-    if config.lr_schedule == "constant":
-        return peak_lr
-    t = (step - config.warmup_steps) / max(total - config.warmup_steps, 1)
-    t = min(max(t, 0.0), 1.0)
-    if config.lr_schedule == "linear":
-        return peak_lr * (1.0 - t)
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+def _hard_patch(
+    m: Masker, n: int, count: int, progress: float, predicted: torch.Tensor | None
+) -> torch.Tensor:
+    if predicted is None:
+        raise ValueError("hard-patch masking needs the predicted per-patch loss")
+    return hard_patch_mask(predicted, count, m.hard_share(progress), m.generator)
+
+
+STRATEGIES: dict[str, Callable[[Masker, int, int, float, torch.Tensor | None], torch.Tensor]] = {
+    "random": _random,
+    "block": _block,
+    "hard-patch": _hard_patch,
+}

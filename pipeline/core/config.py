@@ -18,8 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.core.errors import UserInputError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserInputError):
     """A configuration problem, with a message that names the key and what was expected."""
 
 
@@ -107,7 +109,7 @@ class MaskConfig(_Section):
 
 
 class PretrainConfig(_Section):
-    model: str = "mae_vit_mini_patch4"  # see pipeline/mae.py for sizes
+    model: str = "mae_vit_mini_patch4"  # see pipeline/models/mae.py for sizes
     image_size: int | None = None  # None: decode.image_size
     decoder_dim: int | None = None  # None: the size's default
     decoder_depth: int | None = None
@@ -219,7 +221,7 @@ class Config(_Section):
 
 def default_dict() -> dict[str, Any]:
     """The embedded defaults as a plain dict."""
-    text = importlib.resources.files("pipeline").joinpath("defaults.yaml").read_text()
+    text = importlib.resources.files("pipeline.core").joinpath("defaults.yaml").read_text()
     return yaml.safe_load(text) or {}
 
 
@@ -295,7 +297,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file (local path or fsspec URL) into a dict; a clear error if missing or bad."""
-    from pipeline.storage import StorageError, url_to_fs
+    from pipeline.core.storage import StorageError, url_to_fs
 
     try:
         fs, inner = url_to_fs(str(path))

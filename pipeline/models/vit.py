@@ -2,7 +2,7 @@
 
 They compute what timm's `PatchEmbed` and `vision_transformer.Block` compute, under the same parameter
 names (`proj.*`; `norm1.*`, `attn.qkv.*`, `attn.proj.*`, `norm2.*`, `mlp.fc1.*`, `mlp.fc2.*`), so an
-encoder built from them loads into timm's `VisionTransformer` unchanged (see `pipeline.mae.timm_encoder`).
+encoder built from them loads into timm's `VisionTransformer` unchanged (see `pipeline.models.mae.timm_encoder`).
 
 Why not import them from timm: `import timm` pulls in torchvision and torch._dynamo, about 4 s on a
 2-core machine, and every Ray Train worker and Tune trial pays it on start-up for two small classes.

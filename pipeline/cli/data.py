@@ -1,0 +1,133 @@
+"""`maskdiet demo-data and curate`: write a demo image folder; read, decode, score and prune images."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pipeline.cli.common import (
+    ConfigError,
+    ConfigOption,
+    SetOption,
+    VerboseOption,
+    app,
+    command_context,
+    console,
+    keep_flag_wins,
+    make_config,
+    progress_display,
+)
+
+
+@app.command("demo-data")
+def demo_data(
+    output: Annotated[str, typer.Argument(help="Where to write the image folder (path or fsspec URL).")],
+    noise: Annotated[float, typer.Option(help="Fraction of images moved to a wrong class folder.")] = 0.0,
+    bad: Annotated[int, typer.Option(help="Number of bad files to add (empty, truncated, bombs, ...).")] = 0,
+    classes: Annotated[str, typer.Option(help="Comma-separated sources: digits, shapes, photos.")] = "digits",
+    per_class: Annotated[int, typer.Option(help="Images per class.")] = 200,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
+    image_format: Annotated[str, typer.Option("--format", help="png, jpg or mixed.")] = "mixed",
+    seed: Annotated[int, typer.Option(help="Random seed (the output is deterministic).")] = 0,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Write a labeled demo image folder (<class>/<file>) made offline, with optional label noise and bad
+    files; the truth goes to _truth.parquet and _bad.parquet beside it."""
+    from pipeline.demo_data import DemoSpec, write_demo_data
+
+    with command_context(verbose):
+        cfg = make_config(config, set_)
+        spec = DemoSpec(
+            sources=tuple(s.strip() for s in classes.split(",") if s.strip()),
+            per_class=per_class,
+            size=size,
+            noise=noise,
+            bad=bad,
+            image_format=image_format,
+            seed=seed,
+        )
+        result = write_demo_data(output, spec, cfg.data.storage_options)
+    console.print(
+        f"wrote [bold]{result.images}[/] images in {len(result.classes)} classes "
+        f"({result.noisy} with a wrong label, {result.bad} bad files) to {output}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- curate
+
+
+def print_counts(title: str, counts: dict[str, int]) -> None:
+    table = Table(title=title)
+    table.add_column("outcome")
+    table.add_column("count", justify="right")
+    for key in sorted(counts):
+        table.add_row(key, str(counts[key]))
+    console.print(table)
+
+
+def print_score_summary(manifest: object, method: str) -> None:
+    """Per class: how many images, how many kept, and the score's spread (higher = harder)."""
+    from stages.prune import score_summary
+
+    summary = score_summary(manifest)  # type: ignore[arg-type]
+    table = Table(title=f"{method} score per class (higher = harder)")
+    for column in summary.columns:
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in summary.itertuples(index=False):
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+
+
+@app.command()
+def curate(
+    input_url: Annotated[
+        str | None, typer.Option("--input", "-i", help="Image folder URL: <root>/<class>/<file>.")
+    ] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Where the manifests go.")] = None,
+    score: Annotated[str | None, typer.Option(help="el2n | grand | forgetting | prototype | none")] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(help="keep-hard | offset | keep-easy | class-balanced | stratified | random | none"),
+    ] = None,
+    keep: Annotated[float | None, typer.Option(help="Fraction of images kept (0, 1].")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Read, decode, score and prune images; write OUTPUT/manifest.parquet and OUTPUT/quarantine.parquet."""
+    from pipeline.core.runtime import ray_session
+    from pipeline.core.storage import check_readable
+    from pipeline.curate import curate as run_curate
+
+    with command_context(verbose):
+        cfg = make_config(
+            config,
+            set_,
+            data__input=input_url,
+            output=output,
+            score__method=score,
+            prune__policy=policy,
+            prune__keep=keep,
+        )
+        cfg = keep_flag_wins(cfg, keep, set_)
+        if not cfg.data.input:
+            raise ConfigError("no input: pass --input URL or set data.input")
+        # a missing bucket or bad credentials fail here, in a second, not after Ray has started
+        check_readable(cfg.data.input, cfg.data.storage_options)
+        with ray_session(cfg.ray), progress_display() as progress:
+            result = run_curate(cfg, progress=progress)  # type: ignore[arg-type]
+    print_counts("curate", result.counts)
+    if result.manifest["score"].notna().any():
+        print_score_summary(result.manifest, cfg.score.method)
+    console.print(
+        f"{len(result.manifest)} images in the manifest ({int(result.manifest['kept'].sum())} kept), "
+        f"{len(result.quarantine)} quarantined, {result.images_per_second:.0f} images/s\n"
+        f"manifest: {result.manifest_url}\nquarantine: {result.quarantine_url}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- pretrain, evaluate

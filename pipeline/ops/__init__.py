@@ -1,0 +1,1 @@
+"""Operations on a running cluster: Ray jobs and recurring schedules (state, policy, Kubernetes export)."""
