@@ -99,6 +99,7 @@ def curate(
     verbose: VerboseOption = False,
 ) -> None:
     """Read, decode, score and prune images; write OUTPUT/manifest.parquet and OUTPUT/quarantine.parquet."""
+    from pipeline.core.results import write_result
     from pipeline.core.runtime import ray_session
     from pipeline.core.storage import check_readable
     from pipeline.curate import curate as run_curate
@@ -120,6 +121,12 @@ def curate(
         check_readable(cfg.data.input, cfg.data.storage_options)
         with ray_session(cfg.ray), progress_display() as progress:
             result = run_curate(cfg, progress=progress)  # type: ignore[arg-type]
+        outputs = {"manifest": result.manifest_url, "quarantine": result.quarantine_url}
+        write_result(
+            cfg.output,
+            {"command": "curate", "run_id": result.run_id, "outputs": outputs},
+            cfg.data.storage_options,
+        )
     print_counts("curate", result.counts)
     if result.manifest["score"].notna().any():
         print_score_summary(result.manifest, cfg.score.method)

@@ -120,8 +120,10 @@ def jobs_status(
     if state.run_dir:
         table.add_row("run directory", state.run_dir)
     for key, value in sorted(state.outputs.items()):
-        if key not in ("run directory", "run dir"):
+        if key != "run_dir":
             table.add_row(key, value)
+    if state.outputs_note:
+        table.add_row("outputs", state.outputs_note)
     console.print(table)
     typer.echo(state.status)
 

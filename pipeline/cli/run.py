@@ -103,6 +103,7 @@ def run(
 
     import yaml
 
+    from pipeline.core.results import write_result
     from pipeline.core.runtime import ray_session
     from pipeline.run import run_pipeline
 
@@ -125,6 +126,17 @@ def run(
             _ensure_demo_data(cfg.data.input, cfg.data.storage_options)
         with ray_session(cfg.ray), progress_display() as progress:
             result = run_pipeline(cfg, previous=previous, progress=progress)  # type: ignore[arg-type]
+        outputs = {
+            "run_dir": result.run_dir,
+            "manifest": result.curate.manifest_url,
+            "quarantine": result.curate.quarantine_url,
+            "report": result.summary.get("report"),
+        }
+        write_result(
+            result.run_dir,
+            {"command": "run", "run_id": result.curate.run_id, "outputs": outputs, "summary": result.summary},
+            cfg.data.storage_options,
+        )
     print_run_summary(result.summary)
 
 

@@ -40,7 +40,7 @@ StateOption = Annotated[
 
 def _schedule_context(config: str | None, set_: list[str] | None, state: str | None) -> tuple[str, dict]:
     """The state URL and the storage options to reach it."""
-    from pipeline.ops.schedule import state_url_from
+    from pipeline.ops.schedule_state import state_url_from
 
     cfg = make_config(config, set_)
     return state_url_from(cfg.schedule.state, state), cfg.data.storage_options
@@ -81,7 +81,8 @@ def schedule_add(
     """Add a schedule; its first run is at the first cron slot from now."""
     import shlex
 
-    from pipeline.ops.schedule import add_schedule, next_slot, utcnow
+    from pipeline.ops.schedule_policy import add_schedule, next_slot
+    from pipeline.ops.schedule_state import utcnow
 
     with command_context(verbose):
         cfg = make_config(config, set_)
@@ -132,7 +133,8 @@ def schedule_list(
     verbose: VerboseOption = False,
 ) -> None:
     """List schedules with their next slot and last outcome."""
-    from pipeline.ops.schedule import load_state, next_slot, utcnow
+    from pipeline.ops.schedule_policy import next_slot
+    from pipeline.ops.schedule_state import load_state, utcnow
 
     with command_context(verbose):
         state_url, so = _schedule_context(config, set_, state)
@@ -159,7 +161,7 @@ def schedule_remove(
     verbose: VerboseOption = False,
 ) -> None:
     """Remove a schedule (its history is kept)."""
-    from pipeline.ops.schedule import remove_schedule
+    from pipeline.ops.schedule_policy import remove_schedule
 
     with command_context(verbose):
         state_url, so = _schedule_context(config, set_, state)
@@ -177,7 +179,7 @@ def schedule_history(
     verbose: VerboseOption = False,
 ) -> None:
     """Every slot of a schedule and what happened: submitted (with the job's status), skipped, missed, ..."""
-    from pipeline.ops.schedule import RayJobsSubmitter, history
+    from pipeline.ops.schedule_policy import RayJobsSubmitter, history
 
     with command_context(verbose):
         state_url, so = _schedule_context(config, set_, state)
@@ -200,7 +202,7 @@ def schedule_run_due(
     submission failed (it is retried, with the same id, by the next run-due)."""
     import datetime as dt
 
-    from pipeline.ops.schedule import run_due
+    from pipeline.ops.schedule_policy import run_due
 
     with command_context(verbose):
         state_url, so = _schedule_context(config, set_, state)
@@ -224,7 +226,7 @@ def schedule_serve(
     verbose: VerboseOption = False,
 ) -> None:
     """Run the scheduler in the foreground until interrupted."""
-    from pipeline.ops.schedule import serve
+    from pipeline.ops.schedule_policy import serve
 
     with command_context(verbose):
         state_url, so = _schedule_context(config, set_, state)
@@ -253,7 +255,8 @@ def schedule_export(
 ) -> None:
     """Write the Kubernetes manifest for a schedule (apply it with kubectl apply -f)."""
     from pipeline.core.storage import atomic_write_bytes
-    from pipeline.ops.schedule import DEFAULT_IMAGE, export_manifest, get_schedule, load_state
+    from pipeline.ops.schedule_export import DEFAULT_IMAGE, export_manifest
+    from pipeline.ops.schedule_state import get_schedule, load_state
 
     with command_context(verbose):
         state_url, so = _schedule_context(config, set_, state)

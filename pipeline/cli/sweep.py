@@ -66,6 +66,7 @@ def sweep(
     """Sweep pretraining with Ray Tune (ASHA by default) over tune.space: mask ratio and schedule, mask
     strategy, LR, batch size, prune policy and keep fraction. Writes results.parquet, best.yaml and a plot
     of the objective against mask ratio into OUTPUT/sweeps/<name>/."""
+    from pipeline.core.results import write_result
     from pipeline.core.runtime import ray_session
     from tuning.space import build_search_space
     from tuning.sweep import run_sweep
@@ -76,6 +77,22 @@ def sweep(
             build_search_space(cfg)  # a bad space fails here, before Ray starts
         with ray_session(cfg.ray):
             result = run_sweep(cfg, resume=resume, num_samples=num_samples, verbose=1 if verbose else 0)
+        outputs = {
+            "sweep_dir": result.sweep_dir,
+            "results": result.results_url,
+            "best_config": result.best_config_url,
+            "plot": result.plot_url,
+        }
+        write_result(
+            result.sweep_dir,
+            {
+                "command": "sweep",
+                "run_id": result.sweep_dir.rstrip("/").rsplit("/", 1)[-1],
+                "outputs": outputs,
+                "unfinished_trials": result.unfinished,
+            },
+            cfg.data.storage_options,
+        )
     print_sweep_table(result.table, result.metric)
     console.print(
         f"{len(result.table)} trials ({result.stopped_early} stopped early) in {result.seconds:.0f} s\n"

@@ -41,6 +41,7 @@ def pretrain(
 ) -> None:
     """Pretrain a masked autoencoder on the manifest's kept images with Ray Train (streamed from storage);
     write OUTPUT/encoder.pth (timm ViT keys), OUTPUT/metrics.jsonl and OUTPUT/checkpoints/."""
+    from pipeline.core.results import write_result
     from pipeline.core.runtime import ray_session
     from pipeline.core.storage import check_readable
     from pipeline.models.mae import size_of
@@ -54,6 +55,16 @@ def pretrain(
         name = run_name or current_submission_id() or "pretrain"
         with ray_session(cfg.ray), progress_display() as progress:
             result = run_pretrain(cfg, manifest, cfg.output, run_name=name, progress=progress)  # type: ignore[arg-type]
+        outputs = {
+            "encoder": result.encoder_url,
+            "metrics": result.metrics_url,
+            "checkpoint": result.checkpoint,
+        }
+        write_result(
+            cfg.output,
+            {"command": "pretrain", "run_id": result.run_name, "outputs": outputs},
+            cfg.data.storage_options,
+        )
     table = Table(title=f"pretrain {cfg.pretrain.model}", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")

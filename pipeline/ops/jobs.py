@@ -9,6 +9,12 @@ folder), and a new `sweep` gets `--name <submission_id>`. So the run of a job is
 alone, two pretrain jobs writing to one output do not share (and resume) one checkpoint folder, and a
 retried submission with the same id is refused by Ray instead of running twice.
 
+Outputs: each run-producing command writes a `result.json` (`pipeline.core.results`) beside what it
+produced. `job_outputs` finds that file from the job alone (its entrypoint, plus what the submission recorded
+from a shipped config: output URL and run id) and reads the outputs from it; the lines the command prints
+are for people. When the location cannot be known from here (a relative output, a run id chosen only when the
+run starts) it says so rather than guess.
+
 Authentication: Ray 2.60 clusters use token auth. A client must send `Authorization: Bearer <token>`; Ray's
 own client only does so when `RAY_AUTH_MODE=token` is set in the client's environment. We look for a token
 the way Ray does (`RAY_AUTH_TOKEN`, then the file at `RAY_AUTH_TOKEN_PATH`, then `~/.ray/auth_token`) and send
@@ -35,19 +41,16 @@ from typing import Any
 
 from pipeline.core.config import override_key
 from pipeline.core.errors import MaskdietError, UserInputError
+from pipeline.core.results import read_result, result_url
+from pipeline.core.storage import join
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the dashboard (Jobs API) of a local `ray start --head`
 CONFIG_NAME = "maskdiet-config.yaml"  # the config's name inside the job's working dir
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-ACTIVE_STATES = frozenset({"PENDING", "RUNNING"})
 # Commands that create a run, and how a job names the run after its submission id (see `name_the_run`).
 RUN_COMMANDS = frozenset({"run", "curate", "pretrain", "sweep"})
-# Lines our commands print that locate their outputs ("manifest: s3://...", "run dir: ...").
-_OUTPUT_LINE = re.compile(
-    r"^\s*(run directory|run dir|manifest|quarantine|report|encoder)\s*:\s*(\S+)\s*$", re.MULTILINE
-)
 _SUBMISSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -274,9 +277,38 @@ def _config_value(config: str, *keys: str) -> str | None:
     return str(value) if value else ""
 
 
-def _config_output(config: str) -> str | None:
-    """The `output` key of a config file, if it is readable here (used only for job metadata)."""
-    return _config_value(config, "output") or None
+@dataclass(frozen=True)
+class RunSettings:
+    """Where a run command writes, as far as its command line and config tell here (None: not known)."""
+
+    output: str | None = None  # `output`
+    tune_output: str | None = None  # `tune.output` (a sweep's root; default <output>/sweeps)
+    run_id: str | None = None  # run/curate: run_id; pretrain: its run name; sweep: its name
+
+
+def run_settings(
+    subcommand: str, tokens: Sequence[str], submission_id: str, config: str | None = None
+) -> RunSettings:
+    """A run command line's output, sweep root and run id, in the order the command resolves them
+    (`--set` over its flag over the `config` file, read when given and readable here)."""
+    sets = set_values(tokens)
+
+    def from_config(*keys: str) -> str | None:
+        return (_config_value(config, *keys) or None) if config else None
+
+    output = sets.get("output") or _option_value(tokens, "--output", "-o") or from_config("output")
+    run_id: str | None = None
+    if subcommand in ("run", "curate"):
+        run_id = sets.get("run_id") or from_config("run_id")
+    elif subcommand == "pretrain":  # inside a job, pretrain's default run name is the submission id
+        run_id = _option_value(tokens, "--run-name") or submission_id
+    elif subcommand == "sweep":  # no name: a new sweep is named by the clock; --resume takes the latest
+        run_id = sets.get("tune.name") or _option_value(tokens, "--name") or from_config("tune", "name")
+    return RunSettings(
+        output=output,
+        tune_output=sets.get("tune.output") or from_config("tune", "output"),
+        run_id=run_id,
+    )
 
 
 def prepare_submission(
@@ -326,22 +358,28 @@ def prepare_submission(
         tokens += name_the_run(subcommand, tokens, sid, config or config_named_in(tokens))
     if pip:
         runtime_env["pip"] = list(pip)
-    # Job logs are read by programs too (`jobs status` finds "manifest: URL" lines): keep rich from
-    # wrapping long URLs at 80 columns.
+    # People read job logs and copy the output URLs the command prints: keep rich from wrapping them at 80
+    # columns (a job's driver has no terminal). Programs read result.json instead (`job_outputs`).
     runtime_env["env_vars"] = {"COLUMNS": "400", **(env_vars or {})}
-    # The run id a `run` job's folder is named after: the command's own, if it gave one.
     meta = {
         "maskdiet": "1",
         "command": subcommand or tokens[0],
-        "run_id": set_values(tokens).get("run_id", sid),
+        **_run_metadata(subcommand, tokens, sid, config),
     }
-    output = _option_value(tokens, "--output", "-o") or (
-        _config_output(config) if config and "://" not in config else None
-    )
-    if output:
-        meta["output"] = output
     meta.update(metadata or {})
     return Submission(sid, shlex.join(tokens), runtime_env, meta, staged)
+
+
+def _run_metadata(subcommand: str, tokens: Sequence[str], sid: str, config: str | None) -> dict[str, str]:
+    """What `job_outputs` needs later and cannot read then: the run's settings from the shipped config file
+    (only the job's working dir holds it). A config URL is not read here (no network at submission):
+    `job_outputs` reads it when asked."""
+    if subcommand not in RUN_COMMANDS:
+        return {"run_id": sid}
+    local = config if config and "://" not in config else None
+    settings = run_settings(subcommand, tokens, sid, local)
+    meta = {"output": settings.output, "tune_output": settings.tune_output, "run_id": settings.run_id}
+    return {key: value for key, value in meta.items() if value}
 
 
 def submit(
@@ -401,7 +439,10 @@ class JobState:
     start_time: float | None = None  # seconds since the epoch
     end_time: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    outputs: dict[str, str] = field(default_factory=dict)  # from the logs: manifest, run dir, ...
+    # From the run's result.json (`job_outputs`): manifest, run_dir, encoder, ...
+    outputs: dict[str, str] = field(default_factory=dict)
+    result_url: str | None = None  # the result.json the outputs were (or will be) read from
+    outputs_note: str = ""  # why `outputs` is empty when the job makes a run: not known here, not written yet
 
     @property
     def finished(self) -> bool:
@@ -409,14 +450,12 @@ class JobState:
 
     @property
     def run_dir(self) -> str | None:
-        """Where this job's run lives: what its command printed, else `<output>/runs/<run_id>` for `run`."""
-        printed = self.outputs.get("run directory") or self.outputs.get("run dir")
-        if printed:
-            return printed
+        """Where this job's run lives: what its result.json says, else `<output>/runs/<run_id>` for `run`
+        (known from the submission before the run has written anything)."""
+        if self.outputs.get("run_dir"):
+            return self.outputs["run_dir"]
         meta = self.metadata
         if meta.get("command") == "run" and meta.get("output") and meta.get("run_id"):
-            from pipeline.core.storage import join
-
             return join(meta["output"], "runs", meta["run_id"])
         return None
 
@@ -436,16 +475,121 @@ def _state(info: Any) -> JobState:
     )
 
 
-def find_outputs(logs: str) -> dict[str, str]:
-    """Output locations printed by maskdiet commands (`manifest: URL`, `run dir: URL`); last one wins."""
-    return {m.group(1): m.group(2) for m in _OUTPUT_LINE.finditer(logs)}
+@dataclass(frozen=True)
+class ResultLocation:
+    """Where a job's run writes its result.json (`pipeline.core.results`), or why that is not known here."""
+
+    dir_url: str | None  # the folder holding result.json; None when unknown
+    run_id: str | None  # the run the file must name: several runs may share one output folder
+    unknown: str = ""  # why dir_url is None
 
 
-def job_status(client: Any, submission_id: str, with_outputs: bool = True) -> JobState:
-    """The job's state; with `with_outputs`, also the output locations found in its logs."""
+class _Unknown(Exception):
+    """A job's result location cannot be known from here; the message says why."""
+
+
+def _known_folder(url: str | None, what: str) -> str:
+    """`url` when a reader here can find it; else `_Unknown` saying why not (never a guess)."""
+    if not url:
+        raise _Unknown(
+            f"the job's {what} is not known here (not on its command line or in a config read here)"
+        )
+    if "://" not in url and not os.path.isabs(url):
+        raise _Unknown(f"the job's {what} {url!r} is relative to the job's working directory on the cluster")
+    return url
+
+
+def _settings_of(state: JobState) -> tuple[str, RunSettings]:
+    """The job's subcommand and run settings: from its entrypoint and a config readable here (a URL or
+    absolute path), else what its submission recorded from the shipped config (metadata)."""
+    try:
+        tokens = shlex.split(state.entrypoint)
+    except ValueError:
+        tokens = []
+    is_maskdiet = bool(tokens) and Path(tokens[0]).name == "maskdiet"
+    subcommand = tokens[1] if is_maskdiet and len(tokens) > 1 else ""
+    config = config_named_in(tokens)
+    readable = config if config and ("://" in config or os.path.isabs(config)) else None
+    now = run_settings(subcommand, tokens, state.submission_id, readable) if subcommand else RunSettings()
+    meta = state.metadata
+    return subcommand, RunSettings(
+        output=now.output or meta.get("output"),
+        tune_output=now.tune_output or meta.get("tune_output"),
+        run_id=now.run_id or meta.get("run_id"),
+    )
+
+
+def result_location(state: JobState) -> ResultLocation | None:
+    """Where the job's run writes its result.json; None when the job makes no run (not `run`, `curate`,
+    `pretrain` or `sweep`). `curate` and `pretrain` write into their output folder, `run` into
+    `<output>/runs/<run_id>`, `sweep` into `<tune.output or output/sweeps>/<name>`."""
+    subcommand, settings = _settings_of(state)
+    if subcommand not in RUN_COMMANDS:
+        return None
+    try:
+        if not settings.run_id:
+            raise _Unknown(
+                "the job's run id is not known here (it is chosen when the run starts: name it with "
+                "--set run_id=ID, or --name for a sweep)"
+            )
+        if subcommand == "sweep":
+            root = settings.tune_output or join(_known_folder(settings.output, "output"), "sweeps")
+            dir_url = join(_known_folder(root, "sweep folder (tune.output)"), settings.run_id)
+        elif subcommand == "run":
+            dir_url = join(_known_folder(settings.output, "output"), "runs", settings.run_id)
+        else:
+            dir_url = _known_folder(settings.output, "output")
+    except _Unknown as e:
+        return ResultLocation(None, settings.run_id, str(e))
+    return ResultLocation(dir_url, settings.run_id)
+
+
+def job_outputs(state: JobState, storage_options: dict[str, Any] | None = None) -> JobState:
+    """Fill `state.outputs` from the result.json of the job's run; when they cannot be had (location not
+    known here, not written yet, written by another run), `state.outputs_note` says why."""
+    where = result_location(state)
+    if where is None:
+        return state
+    if where.dir_url is None:
+        state.outputs_note = where.unknown
+        return state
+    state.result_url = result_url(where.dir_url)
+    # An unreadable store or file must not hide the job's status: say what failed instead.
+    try:
+        result = read_result(where.dir_url, storage_options)
+    except MaskdietError as e:  # names the file already
+        state.outputs_note = str(e)
+        return state
+    except OSError as e:  # e.g. a store that refuses our credentials
+        state.outputs_note = f"cannot read {state.result_url}: {type(e).__name__}: {e}"
+        return state
+    if result is not None and str(result.get("run_id")) == where.run_id:
+        state.outputs = {str(k): str(v) for k, v in result["outputs"].items()}
+    elif not state.finished:
+        state.outputs_note = f"not written yet (the job is {state.status}); it will be at {state.result_url}"
+    elif result is None:
+        state.outputs_note = (
+            f"no result at {state.result_url}: the job ended {state.status} before writing it"
+        )
+    else:  # curate and pretrain runs that share an output folder: the latest one's file wins
+        state.outputs_note = (
+            f"{state.result_url} is from run {result.get('run_id')}, not this job's run {where.run_id}: "
+            "another run has written to the same output since"
+        )
+    return state
+
+
+def job_status(
+    client: Any,
+    submission_id: str,
+    with_outputs: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> JobState:
+    """The job's state; with `with_outputs`, also its outputs, read from the result.json its run writes
+    (`job_outputs`; `storage_options` reach the store, by default the AWS_* variables)."""
     state = _state(_call(client, "get_job_info", submission_id))
     if with_outputs:
-        state.outputs = find_outputs(job_logs(client, submission_id))
+        job_outputs(state, storage_options)
     return state
 
 

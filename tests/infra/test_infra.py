@@ -25,7 +25,8 @@ import typer.main
 import yaml
 
 from pipeline.cli import app
-from pipeline.ops.schedule import DEFAULT_IMAGE, Schedule, export_manifest, ray_cluster_spec
+from pipeline.ops.schedule_export import DEFAULT_IMAGE, export_manifest, ray_cluster_spec
+from pipeline.ops.schedule_state import Schedule
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"

@@ -21,6 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.core.results import write_result
 from pipeline.ops import jobs
 
 
@@ -80,6 +81,68 @@ def test_config_travels_in_the_working_dir(tmp_path: Path) -> None:
         jobs.prepare_submission("maskdiet curate", submission_id="no spaces please")
 
 
+def _job(command: str, sid: str, status: str = "SUCCEEDED", config: str | None = None) -> jobs.JobState:
+    """The job a submission of `command` becomes, as `job_status` reads it back from the cluster."""
+    sub = jobs.prepare_submission(command, config=config, submission_id=sid)
+    if sub.staged_dir:
+        import shutil
+
+        shutil.rmtree(sub.staged_dir, ignore_errors=True)
+    return jobs.JobState(sid, status, entrypoint=sub.entrypoint, metadata=sub.metadata)
+
+
+def test_a_job_finds_its_outputs_in_result_json(tmp_path: Path) -> None:
+    """Outputs come from the result.json the job's run writes where the submission says, checked to be this
+    job's run; whatever the job printed is not read."""
+    out = tmp_path / "curated"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"output": str(out)}))  # shipped with the job: read only here
+    running = jobs.job_outputs(_job("maskdiet curate -i s3://b/in", "cur-1", "RUNNING", str(config)))
+    assert running.outputs == {} and "not written yet" in running.outputs_note
+    assert running.result_url == str(out / "result.json")
+
+    write_result(str(out), {"command": "curate", "run_id": "cur-1", "outputs": {"manifest": "m.parquet"}})
+    done = jobs.job_outputs(_job("maskdiet curate -i s3://b/in", "cur-1", config=str(config)))
+    assert done.outputs == {"manifest": "m.parquet"} and done.outputs_note == ""
+
+    # A later curate into the same output replaced the file: this job's outputs are no longer known.
+    other = jobs.job_outputs(_job(f"maskdiet curate -i s3://b/in -o {out}", "cur-0"))
+    assert other.outputs == {} and "from run cur-1, not this job's run cur-0" in other.outputs_note
+    failed = jobs.job_outputs(_job(f"maskdiet curate -i x -o {tmp_path / 'none'}", "cur-2", "FAILED"))
+    assert "ended FAILED before writing it" in failed.outputs_note
+    (out / "result.json").write_text("manifest: m.parquet\n")  # not ours: said, not a crash
+    broken = jobs.job_outputs(_job(f"maskdiet curate -i x -o {out}", "cur-1"))
+    assert broken.outputs == {} and "is not JSON" in broken.outputs_note
+
+
+def test_each_run_command_has_its_result_folder(tmp_path: Path) -> None:
+    def where(command: str, sid: str = "job-7", config: str | None = None) -> str | None:
+        location = jobs.result_location(_job(command, sid, config=config))
+        assert location is not None
+        return location.dir_url or location.unknown
+
+    out = str(tmp_path / "out")
+    assert where(f"maskdiet run --set output={out}") == f"{out}/runs/job-7"
+    assert where(f"maskdiet run --set output={out} --set run_id=mine") == f"{out}/runs/mine"
+    assert where(f"maskdiet pretrain -m m.parquet -o {out}") == out
+    assert where(f"maskdiet sweep --set output={out}") == f"{out}/sweeps/job-7"
+    assert where("maskdiet sweep --set tune.output=s3://b/sw --name n1") == "s3://b/sw/n1"
+    # A config at a URL is not read at submission; it is read when the outputs are asked for.
+    url_config = tmp_path / "url.yaml"
+    url_config.write_text(yaml.safe_dump({"output": "s3://bucket/nightly"}))
+    assert where("maskdiet run --previous latest", config=f"file://{url_config}") == (
+        "s3://bucket/nightly/runs/job-7"
+    )
+    # What cannot be known from here is said, not guessed.
+    assert "relative to the job's working directory" in where("maskdiet curate -i x -o rel/out")
+    assert "not known here" in where("maskdiet curate -i x")  # no output given: the default is relative
+    assert "run id is not known" in where(f"maskdiet sweep --resume --set output={out}")
+    assert jobs.result_location(_job("maskdiet evaluate --checkpoint c --data d", "e")) is None
+    assert jobs.result_location(_job("sleep 600", "s")) is None
+    plain = jobs.job_outputs(_job("sleep 600", "s"))
+    assert plain.outputs == {} and plain.outputs_note == ""
+
+
 def test_address_resolution() -> None:
     assert jobs.resolve_address(None, {}) == jobs.DEFAULT_ADDRESS
     assert jobs.resolve_address("head:8265", {}) == "http://head:8265"
@@ -111,8 +174,10 @@ def test_curate_job_runs_to_success_and_finds_its_manifest(
     code, stdout, _ = _cli("jobs", "status", sid, "--address", ray_head)
     assert code == 0 and stdout.strip().splitlines()[-1] == "SUCCEEDED"
     state = jobs.job_status(jobs.connect(ray_head), sid)
+    assert state.result_url == str(out / "result.json")  # found from the submission, not from the logs
     manifest_url = state.outputs["manifest"]
     assert manifest_url == str(out / "manifest.parquet")
+    assert state.outputs["quarantine"] == str(out / "quarantine.parquet")
     manifest = pd.read_parquet(manifest_url)
     truth = pd.read_parquet(demo_folder / "_truth.parquet")
     assert len(manifest) == len(truth) and manifest["kept"].all()

@@ -18,18 +18,16 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.ops import jobs
-from pipeline.ops.schedule import (
+from pipeline.ops.schedule_export import export_manifest
+from pipeline.ops.schedule_policy import (
     RayJobsSubmitter,
-    Schedule,
-    ScheduleError,
     add_schedule,
-    export_manifest,
     history,
-    load_state,
     run_due,
     serve,
     submission_id_for,
 )
+from pipeline.ops.schedule_state import Schedule, ScheduleError, load_state
 
 T0 = dt.datetime(2026, 1, 1, 0, 0, tzinfo=dt.UTC)
 
