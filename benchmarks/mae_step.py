@@ -2,7 +2,7 @@
 
 The encoder sees only the visible quarter of the patches at 0.75; the light decoder sees all of them at
 both ratios, so the speed-up grows as the decoder gets lighter relative to the encoder. A step is forward,
-backward and the training's AdamW update (`pipeline.train.build_optimizer`: the fused kernel) on a fixed
+backward and the training's AdamW update (`pipeline.train_loop.build_optimizer`: the fused kernel) on a fixed
 batch. ViT-S/16 at 224 px with its default decoder (256 wide, 4 deep), and again with a 2-block decoder
 (the MAE paper, Table 1a: 1–2 decoder blocks fine-tune as well as 8); batch 32 (`--quick`: 16). The
 optimizer step is a fixed cost per step, so small batches understate the speed-up. Steps at the two ratios
@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.common import Row, main, tiny
 from pipeline.models.mae import build_mae
-from pipeline.train import build_optimizer
+from pipeline.train_loop import build_optimizer
 
 log = logging.getLogger(__name__)
 

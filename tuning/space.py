@@ -38,9 +38,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from pipeline.core.config import Config, ConfigError
+from pipeline.core.config import (
+    Config,
+    ConfigError,
+    check_key,
+    get_dotted,
+    section_model,
+    set_dotted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +99,7 @@ class Axis:
 
     @property
     def is_section(self) -> bool:
-        return _field_model(self.key) is not None
+        return section_model(self.key) is not None
 
     def corners(self) -> tuple[Any, ...]:
         """Values that bound this axis: every listed value, or both ends of a range."""
@@ -160,33 +167,8 @@ def resolve_key(name: str) -> str:
             f"unknown tune.space key {name!r}: expected a dotted pretrain.* or prune.* config key "
             f"or one of the aliases {', '.join(sorted(ALIASES))}"
         )
-    model: type[BaseModel] = Config
-    for i, part in enumerate(parts):
-        if part not in model.model_fields:
-            where = ".".join(parts[:i])
-            raise ConfigError(
-                f"unknown tune.space key {name!r}: {part!r} is not a key of {where} "
-                f"(expected one of: {', '.join(sorted(model.model_fields))})"
-            )
-        sub = _annotation_model(model.model_fields[part].annotation)
-        if i < len(parts) - 1:
-            if sub is None:
-                raise ConfigError(f"tune.space key {name!r}: {'.'.join(parts[: i + 1])!r} is a value")
-            model = sub
+    check_key(key, what="tune.space key")
     return key
-
-
-def _annotation_model(annotation: Any) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-def _field_model(key: str) -> type[BaseModel] | None:
-    """The section model a dotted key names, or None when it names a value."""
-    model: type[BaseModel] | None = Config
-    for part in key.split("."):
-        assert model is not None, key
-        model = _annotation_model(model.model_fields[part].annotation)
-    return model
 
 
 def _parse_axis(name: str, key: str, spec: Any) -> Axis:
@@ -231,32 +213,12 @@ def _check_axis_values(name: str, axis: Axis) -> None:
                 raise ConfigError(f"{where}: mask ratio must lie strictly inside (0, 1), got {ratio!r}")
 
 
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict in place; a mapping value is merged into the section it names."""
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-        node[leaf] = {**node[leaf], **copy.deepcopy(value)}
-    else:
-        node[leaf] = copy.deepcopy(value)
-
-
-def get_dotted(data: Any, key: str) -> Any:
-    """`a.b.c` of a nested dict or pydantic model."""
-    node = data
-    for part in key.split("."):
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return node
-
-
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     """The config of one trial: `base` (a `Config.model_dump()`) with the trial's values applied in the
     space's order, validated. Raises ConfigError naming the offending keys."""
     data = copy.deepcopy(base)
     for key, value in params.items():
-        set_dotted(data, key, value)
+        set_dotted(data, key, value, merge=True)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
@@ -299,9 +261,9 @@ def _check_field_values(name: str, axis: Axis, base: dict[str, Any]) -> None:
         section_key, leaf = axis.key, ""
     else:
         section_key, _, leaf = axis.key.rpartition(".")
-    model = _field_model(section_key) if section_key else Config
+    model = section_model(section_key)
     assert model is not None, axis.key
-    section = get_dotted(base, section_key) if section_key else base
+    section = get_dotted(base, section_key)
     for value in axis.corners():
         updates = value if axis.is_section else {leaf: int(value) if axis.kind == "randint" else value}
         try:

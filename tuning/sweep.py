@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,9 +39,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.core.config import Config, ConfigError, dump_config, load_config
-from pipeline.core.storage import atomic_write_bytes, exists, join, pyarrow_filesystem, url_to_fs
-from tuning.space import STANDARD_COLUMNS, SearchSpace, build_search_space, get_dotted, trial_config
+from pipeline.core.config import Config, ConfigError, dump_config, flatten_dotted, get_dotted, load_config
+from pipeline.core.storage import absolute_url, atomic_write_bytes, exists, join, ray_storage, url_to_fs
+from tuning.space import STANDARD_COLUMNS, SearchSpace, build_search_space, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -200,23 +199,9 @@ def max_concurrent(config: Config, cluster_cpus: float, cluster_gpus: float) -> 
     return max(1, fit)
 
 
-def absolute(url: str) -> str:
-    """Local paths made absolute: Tune runs each trial in its own working directory."""
-    return url if "://" in url else os.path.abspath(url)
-
-
 def sweep_root(config: Config) -> str:
-    return absolute(config.tune.output or join(config.output, "sweeps"))
-
-
-def _storage(url: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
-    """(storage path, pyarrow filesystem or None) for Tune: object stores go through fsspec (endpoint vars)."""
-    from pipeline.core.storage import is_local
-
-    fs, path = url_to_fs(url, storage_options)
-    if is_local(fs):
-        return path, None
-    return path, pyarrow_filesystem(fs)
+    """The folder every sweep of `config` goes under (absolute: Tune runs each trial in its own folder)."""
+    return absolute_url(config.tune.output or join(config.output, "sweeps"))
 
 
 def latest_sweep(root: str, storage_options: dict[str, Any]) -> str | None:
@@ -266,7 +251,7 @@ def _check_manifest_scores(config: Config, space: SearchSpace, manifest_url: str
 
 def _prepare_manifest(config: Config, sweep_dir: str, progress: Any) -> str:
     if config.tune.manifest:
-        return absolute(config.tune.manifest)
+        return absolute_url(config.tune.manifest)
     if not config.data.input:
         raise ConfigError("a sweep needs a scored manifest: set tune.manifest or data.input to curate once")
     from pipeline.curate import curate
@@ -278,24 +263,14 @@ def _prepare_manifest(config: Config, sweep_dir: str, progress: Any) -> str:
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key != "storage_options":
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def ignored_on_resume(given: Config, saved: Config) -> list[str]:
     """Settings given now (away from the defaults) that a resumed sweep does not use: it runs on with the
     config it started with. What does come from now is left out: `data.*` (it carries credentials),
     `ray.*` (where to run), and `tune.name`, `tune.output` and `output` (which sweep, and where)."""
     now, then, default = (
-        _flat(given.model_dump()),
-        _flat(saved.model_dump()),
-        _flat(load_config().model_dump()),
+        flatten_dotted(given.model_dump()),
+        flatten_dotted(saved.model_dump()),
+        flatten_dotted(load_config().model_dump()),
     )
     return [
         f"{key}={now[key]!r}"
@@ -305,6 +280,16 @@ def ignored_on_resume(given: Config, saved: Config) -> list[str]:
         and not key.startswith(("data.", "ray.", "run_id"))
         and key not in ("tune.name", "tune.output", "output")
     ]
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """A sweep about to run: its config (as sweep.yaml holds it), name, folder and search space."""
+
+    config: Config
+    name: str
+    sweep_dir: str
+    space: SearchSpace
 
 
 def run_sweep(
@@ -320,74 +305,120 @@ def run_sweep(
     The search space is validated before anything else runs. A new sweep curates once (unless
     `tune.manifest` names a scored manifest), then runs the trials; results land in the sweep directory.
     """
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     start = time.perf_counter()
-    so = config.data.storage_options
     root = sweep_root(config)
     if resume:
-        name = config.tune.name or latest_sweep(root, so)
-        if name is None:
-            raise ConfigError(f"nothing to resume: no sweep under {root} (set tune.name to pick one)")
-        sweep_dir = join(root, name)
-        saved = join(sweep_dir, SWEEP_CONFIG)
-        if not exists(saved, so):
-            raise ConfigError(f"nothing to resume at {sweep_dir}: {SWEEP_CONFIG} is missing")
-        # Secrets are never written: take storage options from the config given now.
-        given = config
-        config = load_config(saved, base=None, overrides=()).model_copy(update={"data": config.data})
-        ignored = ignored_on_resume(given, config)
-        if num_samples is not None and num_samples != config.tune.num_samples:
-            ignored.insert(0, f"--num-samples {num_samples} (the sweep has {config.tune.num_samples})")
-        if ignored:
-            log.warning("resuming %s with its saved config; ignored: %s", name, ", ".join(ignored))
-        space = build_search_space(config)
+        sweep = _reopen_sweep(config, root, num_samples)
     else:
-        if num_samples is not None:
-            config = config.model_copy(
-                update={"tune": config.tune.model_copy(update={"num_samples": num_samples})}
-            )
-        space = build_search_space(config)  # before any curation or trial
-        name = config.tune.name or time.strftime("sweep-%Y%m%d-%H%M%S")
-        sweep_dir = join(root, name)
-        if exists(join(sweep_dir, SWEEP_CONFIG), so):
-            raise ConfigError(
-                f"a sweep already exists at {sweep_dir}: pass --resume, or choose another tune.name"
-            )
-        manifest_url = _prepare_manifest(config, sweep_dir, progress)
+        sweep = _start_sweep(config, root, num_samples, progress)
+    _check_inputs(sweep)
+    base = sweep_config(sweep.config)
+    _check_worker_shares(sweep)
+    storage_path, storage_fs = ray_storage(root, config.data.storage_options)
+    # Tune's experiment folder: in an object store, the path inside the store that storage_fs reads
+    experiment = join(storage_path, sweep.name) if storage_fs is not None else join(root, sweep.name)
+    tuner = _tuner(sweep, base, resume, experiment, storage_path, storage_fs, verbose)
+    grid = tuner.fit()
+    tc = sweep.config.tune
+    saved = saved_trials(experiment, storage_fs)
+    table = results_table(grid, base, sweep.space, tc.metric, tc.mode, sweep.sweep_dir, saved)
+    return write_results(table, sweep.config, sweep.sweep_dir, time.perf_counter() - start)
+
+
+def _start_sweep(config: Config, root: str, num_samples: int | None, progress: Any) -> _Sweep:
+    """A new sweep under `root`: the search space checked first, then the name claimed (an existing sweep of
+    that name is refused), the scored manifest found or curated once, and sweep.yaml written."""
+    so = config.data.storage_options
+    if num_samples is not None:
         config = config.model_copy(
-            update={"tune": config.tune.model_copy(update={"manifest": manifest_url, "name": name})}
+            update={"tune": config.tune.model_copy(update={"num_samples": num_samples})}
         )
-        atomic_write_bytes(join(sweep_dir, SWEEP_CONFIG), dump_config(config).encode(), so)
+    space = build_search_space(config)  # before any curation or trial
+    name = config.tune.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    sweep_dir = join(root, name)
+    if exists(join(sweep_dir, SWEEP_CONFIG), so):
+        raise ConfigError(
+            f"a sweep already exists at {sweep_dir}: pass --resume, or choose another tune.name"
+        )
+    manifest_url = _prepare_manifest(config, sweep_dir, progress)
+    config = config.model_copy(
+        update={"tune": config.tune.model_copy(update={"manifest": manifest_url, "name": name})}
+    )
+    atomic_write_bytes(join(sweep_dir, SWEEP_CONFIG), dump_config(config).encode(), so)
+    return _Sweep(config=config, name=name, sweep_dir=sweep_dir, space=space)
+
+
+def _reopen_sweep(given: Config, root: str, num_samples: int | None) -> _Sweep:
+    """The sweep to resume: `tune.name`, else the one started last under `root`. It runs on with the config
+    it started with (its sweep.yaml), with the storage options given now (secrets are never written); what
+    else was given now and goes unused is named in a warning."""
+    so = given.data.storage_options
+    name = given.tune.name or latest_sweep(root, so)
+    if name is None:
+        raise ConfigError(f"nothing to resume: no sweep under {root} (set tune.name to pick one)")
+    sweep_dir = join(root, name)
+    saved = join(sweep_dir, SWEEP_CONFIG)
+    if not exists(saved, so):
+        raise ConfigError(f"nothing to resume at {sweep_dir}: {SWEEP_CONFIG} is missing")
+    config = load_config(saved, base=None, overrides=()).model_copy(update={"data": given.data})
+    ignored = ignored_on_resume(given, config)
+    if num_samples is not None and num_samples != config.tune.num_samples:
+        ignored.insert(0, f"--num-samples {num_samples} (the sweep has {config.tune.num_samples})")
+    if ignored:
+        log.warning("resuming %s with its saved config; ignored: %s", name, ", ".join(ignored))
+    return _Sweep(config=config, name=name, sweep_dir=sweep_dir, space=build_search_space(config))
+
+
+def _check_inputs(sweep: _Sweep) -> None:
+    """What every trial would fail on, checked once before any starts: the manifest has the scores a swept
+    policy needs, and `tune.metric=val_loss` has held-out images to measure."""
+    config = sweep.config
     assert config.tune.manifest is not None
-    _check_manifest_scores(config, space, config.tune.manifest)
+    _check_manifest_scores(config, sweep.space, config.tune.manifest)
     if config.tune.metric == "val_loss" and config.pretrain.val_images == 0:
         raise ConfigError("tune.metric=val_loss needs held-out images: set pretrain.val_images > 0")
 
-    base = sweep_config(config)
-    for axis in space.axes:  # a swept worker count splits each trial's share its own way: check them all
+
+def _check_worker_shares(sweep: _Sweep) -> None:
+    """A swept worker count splits each trial's share its own way: check each value's split before any
+    trial (`share_per_worker` refuses a GPU share Ray cannot place)."""
+    for axis in sweep.space.axes:
         if axis.key == "pretrain.num_workers":
             for workers in axis.corners():
-                share_per_worker(config, int(workers))
-    tc = config.tune
+                share_per_worker(sweep.config, int(workers))
+
+
+def _tuner(
+    sweep: _Sweep,
+    base: Config,
+    resume: bool,
+    experiment: str,
+    storage_path: str,
+    storage_fs: Any,
+    verbose: int,
+) -> Any:
+    """Tune's `Tuner` over `run_trial`: restored from `experiment` to resume, else a new one with the
+    sweep's space, scheduler, searcher and as many trials at once as the cluster fits."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pipeline.core.runtime import cluster_cpus, cluster_gpus
+
+    config, space, tc = sweep.config, sweep.space, sweep.config.tune
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             base=base.model_dump(),
             manifest_url=tc.manifest,
-            sweep_dir=sweep_dir,
+            sweep_dir=sweep.sweep_dir,
             prunes=space.prunes,
         ),
         TRIAL_DRIVER_RESOURCES,
     )
-    storage_path, storage_fs = _storage(root, so)
-    cluster = ray.cluster_resources()
-    concurrent = max_concurrent(config, float(cluster.get("CPU", 1.0)), float(cluster.get("GPU", 0.0)))
+    concurrent = max_concurrent(config, cluster_cpus(), cluster_gpus())
     log.info(
         "sweep %s: %d sample(s) x %d grid point(s), %d at once, %s scheduler, %s search",
-        sweep_dir,
+        sweep.sweep_dir,
         tc.num_samples,
         space.grid_size(),
         concurrent,
@@ -395,38 +426,26 @@ def run_sweep(
         tc.search,
     )
     if resume:
-        tuner = tune.Tuner.restore(
-            join(storage_path, name) if storage_fs is not None else join(root, name),
-            trainable,
-            resume_errored=True,
+        return tune.Tuner.restore(experiment, trainable, resume_errored=True, storage_filesystem=storage_fs)
+    return tune.Tuner(
+        trainable,
+        param_space=space.param_space(grid_ok=tc.search != "optuna"),
+        tune_config=tune.TuneConfig(
+            num_samples=tc.num_samples,
+            max_concurrent_trials=concurrent,
+            scheduler=_scheduler(base, space, ASHAScheduler, FIFOScheduler),
+            search_alg=_searcher(config, space),
+            metric=tc.metric,
+            mode=tc.mode,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=storage_path,
             storage_filesystem=storage_fs,
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space.param_space(grid_ok=tc.search != "optuna"),
-            tune_config=tune.TuneConfig(
-                num_samples=tc.num_samples,
-                max_concurrent_trials=concurrent,
-                scheduler=_scheduler(base, space, ASHAScheduler, FIFOScheduler),
-                search_alg=_searcher(config, space),
-                metric=tc.metric,
-                mode=tc.mode,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage_path,
-                storage_filesystem=storage_fs,
-                failure_config=tune.FailureConfig(max_failures=0),
-                verbose=verbose,
-            ),
-        )
-    grid = tuner.fit()
-    experiment = join(storage_path, name) if storage_fs is not None else join(root, name)
-    table = results_table(
-        grid, base, space, tc.metric, tc.mode, sweep_dir, saved_trials(experiment, storage_fs)
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=verbose,
+        ),
     )
-    return write_results(table, config, sweep_dir, time.perf_counter() - start)
 
 
 def _scheduler(config: Config, space: SearchSpace, asha: Any, fifo: Any) -> Any:

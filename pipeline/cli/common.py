@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.core.config import Config, ConfigError, load_config, override_key
+from pipeline.core.config import Config, ConfigError, load_config, nest_dotted, override_key
 from pipeline.core.errors import MaskdietError
 
 app = typer.Typer(
@@ -108,17 +108,11 @@ def one_config(positional: str | None, option: str | None) -> str | None:
 
 
 def make_config(config: str | None, overrides: list[str] | None, **flags: object) -> Config:
-    """Defaults ← FILE ← command-line flags ← --set: a flag given on the command line wins over the file."""
-    nested: dict[str, object] = {}
-    for dotted, value in flags.items():
-        if value is None:
-            continue
-        node = nested
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})  # type: ignore[assignment]
-        node[leaf] = value
-    return load_config(config, overrides or [], flags=nested)
+    """Defaults ← FILE ← command-line flags ← --set: a flag given on the command line wins over the file.
+
+    `flags` name config keys with `__` for the dots (`pretrain__steps=20`); one left as None was not given."""
+    given = {key.replace("__", "."): value for key, value in flags.items() if value is not None}
+    return load_config(config, overrides or [], flags=nest_dotted(given))
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
-import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +34,11 @@ class RayConfig(_Section):
     num_gpus: int | None = None  # local Ray only
     include_dashboard: bool = True  # Tune's early stopping frees Train resources through the State API
     data_cpu_share: float = Field(0.5, gt=0.0, lt=1.0)  # share of CPUs left to Ray Data beside Train workers
+    # Ray Data settings for the cluster's size: "small" (a laptop or one small node: every CPU counts, so
+    # Ray Data's per-operator CPU reservation is off), "large" (Ray's own defaults), or "auto": small when the
+    # cluster has at most `small_cluster_cpus` CPUs and no GPU.
+    data_profile: Literal["auto", "small", "large"] = "auto"
+    small_cluster_cpus: int = Field(8, ge=1)
     # Ray Train's own console lines below this level (worker-group start, every report and checkpoint) go
     # only to its log files under the Ray session folder; INFO shows them all. Our logs are unaffected.
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
@@ -159,7 +163,7 @@ class EvaluateConfig(_Section):
 class TuneConfig(_Section):
     num_samples: int = Field(6, ge=1)  # trials drawn (with grid axes: repeats of the whole grid)
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's Train CPUs fit
-    # reported by the pretraining loop each eval interval (pipeline.train.REPORTED_METRICS)
+    # reported by the pretraining loop each eval interval (pipeline.train_loop.REPORTED_METRICS)
     metric: Literal["val_loss", "loss", "recon_loss", "images_per_s"] = "val_loss"
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "fifo"] = "asha"  # asha: stop trials that trail at each rung
@@ -216,6 +220,109 @@ class Config(_Section):
         return data
 
 
+# ---------------------------------------------------------------------------------------------- dotted keys
+# A dotted key (`pretrain.mask.ratio`) names one setting, as `--set` and `tune.space` write it. These are the
+# one place that walks one: through data (nested dicts, or a Config and its sections) and through the schema.
+
+_REQUIRED = object()
+
+
+def _parts(key: str) -> list[str]:
+    """The names in a dotted key; none for "" (the whole config)."""
+    return key.split(".") if key else []
+
+
+def get_dotted(data: Any, key: str, default: Any = _REQUIRED) -> Any:
+    """The value at dotted `key` in nested dicts or a pydantic model (`""`: `data` itself).
+
+    A missing part raises KeyError naming the key, unless a `default` is given: then that is returned."""
+    node = data
+    for part in _parts(key):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, BaseModel) and part in type(node).model_fields:
+            node = getattr(node, part)
+        elif default is _REQUIRED:
+            raise KeyError(key)
+        else:
+            return default
+    return node
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, merge: bool = False) -> None:
+    """Set dotted `key` in nested dicts in place, creating missing sections; `value` is copied.
+
+    A mapping set on a section replaces it (as `--set pretrain.mask={...}` does), or with `merge` is merged
+    into it, the section's other keys kept (as a `tune.space` axis over a section means)."""
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {key!r}: {part!r} is not a section")
+    if merge and isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        value = {**node[leaf], **value}
+    node[leaf] = copy.deepcopy(value)
+
+
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """`{"a.b": 1, "a.c": 2}` → `{"a": {"b": 1, "c": 2}}`: dotted settings as a config's nested data."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        set_dotted(nested, key, value)
+    return nested
+
+
+def flatten_dotted(data: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `nest_dotted`: each value that is not a mapping under its dotted key (an empty mapping,
+    holding none, leaves no key)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": v for sub, v in flatten_dotted(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field's annotation names, or None for a value."""
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def section_model(key: str) -> type[BaseModel] | None:
+    """The section (a model class) that dotted `key` names in `Config`'s schema (`""`: `Config` itself), or
+    None when it names a value. The key must exist: `check_key` says what is wrong with one that may not."""
+    model: type[BaseModel] | None = Config
+    for part in _parts(key):
+        assert model is not None, f"{key!r} goes on past a value"
+        model = _section_of(model.model_fields[part].annotation)
+    return model
+
+
+def check_key(key: str, what: str = "config key") -> None:
+    """Raise ConfigError unless dotted `key` names a setting of `Config`. The message names the first part
+    that is not a key of its section (and the keys that are), or that goes on past a value; `what` is how
+    it calls the key. Under a free-form mapping (`data.storage_options`, `tune.space`) any sub-key goes."""
+    parts = key.split(".")
+    model: type[BaseModel] = Config
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(
+                f"unknown {what} {key!r}: {part!r} is not a key of {where} "
+                f"(expected one of: {', '.join(sorted(fields))})"
+            )
+        annotation = fields[part].annotation
+        if i == len(parts) - 1 or typing.get_origin(annotation) is dict:
+            return
+        section = _section_of(annotation)
+        if section is None:
+            raise ConfigError(f"{what} {key!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
+        model = section
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -243,30 +350,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
     key, raw = override_key(assignment), assignment.partition("=")[2]
-    parts = key.split(".")
-    model: type[BaseModel] = Config
-    for i, part in enumerate(parts):
-        fields = model.model_fields
-        if part not in fields:
-            where = ".".join(parts[:i]) or "the top level"
-            raise ConfigError(
-                f"unknown config key {key!r}: {part!r} is not a key of {where} "
-                f"(expected one of: {', '.join(sorted(fields))})"
-            )
-        if i == len(parts) - 1:
-            break
-        annotation = fields[part].annotation
-        if typing.get_origin(annotation) is dict:
-            break  # a free-form mapping (storage_options, tune.space): any sub-key goes
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is a value, not a section")
-        model = annotation
-    target = data
-    for part in parts[:-1]:
-        target = target.setdefault(part, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"config key {key!r}: {part!r} is not a section")
-    target[parts[-1]] = _parse_value(raw)
+    check_key(key)
+    set_dotted(data, key, _parse_value(raw))
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -319,27 +404,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 # Keys holding URLs; plain relative paths among them are made absolute when the config is loaded, because
 # Ray's worker processes run in other folders than the driver.
 PATH_KEYS = (
-    ("output",),
-    ("data", "input"),
-    ("data", "labels"),
-    ("score", "cache_url"),
-    ("score", "encoder"),
-    ("pretrain", "warm_start"),
-    ("tune", "manifest"),
-    ("tune", "output"),
+    "output",
+    "data.input",
+    "data.labels",
+    "score.cache_url",
+    "score.encoder",
+    "pretrain.warm_start",
+    "tune.manifest",
+    "tune.output",
 )
 
 
 def _absolute_paths(data: dict[str, Any]) -> None:
-    for keys in PATH_KEYS:
-        node: Any = data
-        for key in keys[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(node, dict):
-            continue
-        value = node.get(keys[-1])
-        if isinstance(value, str) and value and "://" not in value:
-            node[keys[-1]] = os.path.abspath(os.path.expanduser(value))
+    from pipeline.core.storage import absolute_url  # here, as in read_yaml: a config loads without pyarrow
+
+    for key in PATH_KEYS:
+        value = get_dotted(data, key, default=None)
+        if isinstance(value, str) and value:
+            set_dotted(data, key, absolute_url(value))
 
 
 def load_config(

@@ -132,14 +132,62 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | 
         fs.pipe_file(path, data)
 
 
+@contextlib.contextmanager
+def user_facing(url: str) -> Iterator[None]:
+    """Turn a missing object or a refused access at `url` (a path the user gave, or one a run wrote) into a
+    `StorageError` naming it: a user can fix those; the raw OSError would read as a bug."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise StorageError(f"not found: {url}") from None
+    except PermissionError as e:
+        raise StorageError(
+            f"access denied to {url}: check the file's permissions, or AWS_ACCESS_KEY_ID / "
+            f"AWS_SECRET_ACCESS_KEY or storage_options for a bucket ({e})"
+        ) from None
+
+
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The whole object at `url`; a missing or forbidden one is a `StorageError` naming it."""
     fs, path = url_to_fs(url, storage_options)
-    return fs.cat_file(path)
+    with user_facing(url):
+        return fs.cat_file(path)
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = url_to_fs(url, storage_options)
     return fs.exists(path)
+
+
+def absolute_url(url: str) -> str:
+    """`url` unchanged when it has a scheme (`s3://...`), else the local path with `~` expanded, made absolute.
+
+    Ray's worker processes and Tune's trials run in other folders than the driver: a relative path handed to
+    them would name another place."""
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def read_json_lines(url: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The records of a JSON-lines object such as a run's metrics.jsonl; empty when it does not exist (yet)."""
+    fs, path = url_to_fs(url, storage_options)
+    if not fs.exists(path):
+        return []
+    text = fs.cat_file(path).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def ray_storage(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[str, pafs.FileSystem | None]:
+    """`(storage_path, storage_filesystem)` for a Ray Train or Tune `RunConfig` that keeps its runs under `url`.
+
+    A local folder is an absolute path with no filesystem (Ray's default). An object store goes through our
+    fsspec filesystem wrapped for pyarrow, so Ray reaches the same endpoint and credentials as every other
+    read (`pyarrow_filesystem` says why pyarrow's own S3 does not)."""
+    fs, path = url_to_fs(url, storage_options)
+    if is_local(fs):
+        return os.path.abspath(path), None
+    return path, pyarrow_filesystem(fs)
 
 
 # ---------------------------------------------------------------------------------------------- output lock

@@ -105,3 +105,49 @@ def test_keep_flag_wins_over_a_files_keep_count(tmp_path: Path) -> None:
     assert keep_flag_wins(make_config(str(path), None), None, None).prune.keep_count == 1000  # no flag
     both = ["prune.keep_count=7"]
     assert keep_flag_wins(make_config(str(path), both, prune__keep=0.5), 0.5, both).prune.keep_count == 7
+
+
+def test_dotted_keys_walk_nested_data() -> None:
+    """One walker for `--set`, `tune.space`, command flags and resumed sweeps: get, set, nest and flatten."""
+    from pipeline.core.config import flatten_dotted, get_dotted, nest_dotted, set_dotted
+
+    data = {"pretrain": {"mask": {"ratio": 0.75, "schedule": "constant"}}}
+    assert get_dotted(data, "pretrain.mask.ratio") == 0.75
+    assert get_dotted(load_config(), "pretrain.mask.ratio") == 0.75  # a Config and its sections too
+    assert get_dotted(data, "") is data
+    assert get_dotted(data, "pretrain.steps", default=None) is None
+    with pytest.raises(KeyError, match=r"pretrain\.steps"):
+        get_dotted(data, "pretrain.steps")
+
+    set_dotted(data, "pretrain.steps", 5)
+    set_dotted(data, "pretrain.mask", {"ratio": 0.6}, merge=True)  # a section axis: the other keys stay
+    assert data == {"pretrain": {"mask": {"ratio": 0.6, "schedule": "constant"}, "steps": 5}}
+    set_dotted(data, "pretrain.mask", {"ratio": 0.5})  # as --set does: the mapping replaces the section
+    assert data["pretrain"]["mask"] == {"ratio": 0.5}
+    value = {"anon": [1]}
+    set_dotted(data, "data.storage_options", value)
+    value["anon"].append(2)
+    assert data["data"]["storage_options"] == {"anon": [1]}  # the value is copied in
+    with pytest.raises(ConfigError, match=r"'steps' is not a section"):
+        set_dotted(data, "pretrain.steps.x", 1)
+
+    flat = {"output": "o", "pretrain.mask.ratio": 0.5, "pretrain.steps": 5}
+    assert nest_dotted(flat) == {"output": "o", "pretrain": {"mask": {"ratio": 0.5}, "steps": 5}}
+    assert flatten_dotted(nest_dotted(flat)) == flat
+
+
+def test_dotted_keys_are_checked_against_the_schema() -> None:
+    from pipeline.core.config import Config, MaskConfig, check_key, section_model
+
+    assert section_model("pretrain.mask") is MaskConfig and section_model("") is Config
+    assert section_model("pretrain.steps") is None
+    check_key("pretrain.mask.ratio")
+    check_key("data.storage_options.endpoint_url")  # a free-form mapping takes any sub-key
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'pretrain\.mask\.raito': 'raito' is not a key"
+    ):
+        check_key("pretrain.mask.raito")
+    with pytest.raises(ConfigError, match=r"'nope' is not a key of the top level"):
+        check_key("nope.x")
+    with pytest.raises(ConfigError, match=r"'pretrain\.steps' is a value, not a section"):
+        load_config(None, ["pretrain.steps.x=1"])

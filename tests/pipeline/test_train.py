@@ -16,6 +16,7 @@ from pipeline.demo_data import DemoSpec, write_demo_data
 from pipeline.models.checkpoint import read_encoder_state, size_from_state
 from pipeline.models.mae import timm_encoder
 from pipeline.train import TrainingDiverged, build_trainer, pretrain, read_metrics, worker_resources
+from pipeline.train_loop import MetricWindow, RunState, StepResult, checkpoint_due, log_due, report_due
 from stages.manifest import write_manifest
 from stages.read import list_images
 
@@ -66,6 +67,40 @@ def test_worker_resources_leave_cpus_to_ray_data(ray_cluster) -> None:
     assert worker_resources(config) == {"CPU": 0.5}  # 2 CPUs × (1 − 0.5) / 2 workers
     config = load_config(overrides=["pretrain.num_workers=1", "pretrain.cpus_per_worker=0.25"])
     assert worker_resources(config) == {"CPU": 0.25}
+
+
+def test_log_report_and_checkpoint_steps() -> None:
+    """A checkpoint goes out with a report, and a report carries a metrics line of its own step."""
+    pre = load_config(
+        overrides=[
+            "pretrain.steps=100",
+            "pretrain.log_every=10",
+            "pretrain.eval_every=20",
+            "pretrain.checkpoint_every=30",
+        ]
+    ).pretrain
+    steps = range(1, pre.steps + 1)
+    assert [s for s in steps if checkpoint_due(s, pre)] == [30, 60, 90, 100]  # and the last step
+    assert [s for s in steps if report_due(s, pre)] == [20, 30, 40, 60, 80, 90, 100]
+    assert [s for s in steps if log_due(s, pre)] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+
+
+def test_metric_window_lines() -> None:
+    """A metrics.jsonl line: mean losses over its steps, throughput without the run's first step (pipeline
+    warm-up), keys in the order the file has always had; the first line after a resume says where."""
+    window = MetricWindow()
+    window.start_pass()
+    step = StepResult(loss=2.0, recon_loss=1.0, lr=0.1, mask_ratio=0.75, images=16)
+    window.add(step)
+    window.add(StepResult(loss=4.0, recon_loss=3.0, lr=0.2, mask_ratio=0.7, images=16))
+    line = window.line(2, step)
+    assert list(line) == ["step", "loss", "recon_loss", "lr", "mask_ratio", "images_per_s", "time"]
+    assert (line["step"], line["loss"], line["recon_loss"], line["lr"]) == (2, 3.0, 2.0, 0.1)
+    assert line["images_per_s"] > 0  # 16 images over the second step's time
+    run = RunState(step=120, resumed_from=120)
+    run.add_line({"step": 130})
+    run.add_line({"step": 140})
+    assert run.history == [{"step": 130, "resumed_from": 120}, {"step": 140}] and run.latest == {"step": 140}
 
 
 def test_ray_train_console_level_follows_config(ray_cluster, s3_manifest, s3_bucket) -> None:

@@ -159,7 +159,7 @@ def test_a_diverged_report_carries_every_metric_tune_may_watch() -> None:
     import typing
 
     from pipeline.core.config import TuneConfig
-    from pipeline.train import diverged_metrics
+    from pipeline.train_loop import diverged_metrics
 
     report = diverged_metrics(step=7, loss=float("inf"), message="non-finite loss (inf) at step 7")
     metrics = typing.get_args(TuneConfig.model_fields["metric"].annotation)
