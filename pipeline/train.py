@@ -53,9 +53,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
-# The metrics.jsonl reader (`report` reads the same lines through `read_json_lines`).
-read_metrics = read_json_lines
-
 
 class TrainingDiverged(MaskdietError, RuntimeError):
     """The loss became NaN or infinite; the message names the step and what to try."""
@@ -217,7 +214,7 @@ def pretrain(
         result = trainer.fit()
     seconds = time.perf_counter() - start
     final = result.metrics or {}
-    history = read_metrics(metrics_url, so)
+    history = read_json_lines(metrics_url, so)
     stopped = final.get("stopped") or (history[-1].get("stopped") if history else None)
     if stopped:
         raise TrainingDiverged(str(stopped))
@@ -252,7 +249,7 @@ def _watch_progress(
     def poll() -> None:
         while not stop.wait(2.0):
             try:
-                lines = read_metrics(metrics_url, storage_options)
+                lines = read_json_lines(metrics_url, storage_options)
             except Exception:  # a half-listed object store must not kill the progress thread
                 continue
             if lines:

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from pipeline.core.config import Config, load_config
-from pipeline.core.storage import join, url_to_fs
+from pipeline.core.storage import join, read_json_lines, url_to_fs
 from pipeline.demo_data import DemoSpec, write_demo_data
 from pipeline.models.checkpoint import read_encoder_state, size_from_state
 from pipeline.models.mae import timm_encoder
-from pipeline.train import TrainingDiverged, build_trainer, pretrain, read_metrics, worker_resources
+from pipeline.train import TrainingDiverged, build_trainer, pretrain, worker_resources
 from pipeline.train_loop import MetricWindow, RunState, StepResult, checkpoint_due, log_due, report_due
 from stages.manifest import write_manifest
 from stages.read import list_images
@@ -131,7 +131,7 @@ def test_pretrain_on_s3_loss_falls_and_rerun_resumes(ray_cluster, s3_manifest, s
 
     # Outputs on S3: metrics.jsonl, checkpoints and an encoder that timm loads.
     fs, _ = url_to_fs(output)
-    assert read_metrics(result.metrics_url) == result.history
+    assert read_json_lines(result.metrics_url) == result.history
     assert result.checkpoint and fs.exists(result.checkpoint.rstrip("/") + "/state.pt")
     state = read_encoder_state(result.encoder_url)
     local = tmp_path / "encoder.pth"

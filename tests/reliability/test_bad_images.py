@@ -124,7 +124,6 @@ def test_odd_but_valid_files_decode_to_the_right_pixels(
 def test_run_survives_the_corpus(ray_cluster: None, corpus: list, corpus_writer, tmp_path: Path) -> None:
     """`maskdiet run` over hostile files mixed into a small demo set: the run finishes and its manifest and
     quarantine account for every file."""
-    pytest.importorskip("pipeline.run")
     from pipeline.demo_data import DemoSpec, write_demo_data
 
     root, out = tmp_path / "in", tmp_path / "out"

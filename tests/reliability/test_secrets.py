@@ -108,7 +108,6 @@ def test_run_never_leaks_credentials(
     ray_cluster: None, s3_server: str, s3_bucket: str, tmp_path: Path
 ) -> None:
     """`maskdiet run` writes a config copy, summary, metrics and a report: none holds the secret."""
-    pytest.importorskip("pipeline.run")
     key, secret = f"AKIA{uuid.uuid4().hex[:16].upper()}", f"so-{uuid.uuid4().hex}"
     write_demo_data(f"{s3_bucket}/img", DemoSpec(per_class=4, bad=2, seed=7))
     config = _secret_config(tmp_path, s3_server, key, secret)

@@ -43,8 +43,8 @@ def _train_worker_pids() -> list[int]:
 
 @pytest.mark.slow
 def test_killed_train_worker_resumes_from_checkpoint(ray_cluster: None, tmp_path: Path) -> None:
-    pytest.importorskip("pipeline.train")
-    from pipeline.train import pretrain, read_metrics
+    from pipeline.core.storage import read_json_lines
+    from pipeline.train import pretrain
 
     images, output = str(tmp_path / "images"), str(tmp_path / "pretrain")
     write_demo_data(images, DemoSpec(per_class=6, seed=8))
@@ -87,7 +87,7 @@ def test_killed_train_worker_resumes_from_checkpoint(ray_cluster: None, tmp_path
     snapshot = join(output, "checkpoints", "faulty", "checkpoint_manager_snapshot.json")
     killed_at, deadline = None, time.monotonic() + 400
     while time.monotonic() < deadline and thread.is_alive():
-        lines = read_metrics(metrics_url)
+        lines = read_json_lines(metrics_url)
         # metrics.jsonl is written just before each report; a line at step 2×CHECKPOINT_EVERY means the
         # loop went past the first checkpoint's report. Ray Train's controller registers a reported
         # checkpoint a little later (then writes its snapshot): kill only after that, or the restart
