@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from benchmarks.common import Row, local_ray, main, ratio, tiny
 from pipeline.core.config import ScoreConfig
-from stages.score import ProxySpec, build_proxy, el2n, grand_last_layer, score_rows, to_input
+from pipeline.models.proxy import ProxySpec, build_proxy, to_input
+from stages.score import el2n, grand_last_layer, score_rows
 
 log = logging.getLogger(__name__)
 

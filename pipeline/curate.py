@@ -1,8 +1,10 @@
-"""Curation, composed: list → read → decode → (score → prune) → manifest + quarantine.
+"""Curation, composed: list → read → decode → gather → (score → duplicates | unscored) → prune → manifest.
 
-Read and decode stream through Ray Data in parallel; the driver keeps only the per-row metadata (and, when
-a score is asked for, the small decoded arrays the proxy models train on). Each stage declares the columns it
-needs and makes; `check_stages` validates the chain before any work starts.
+`curation_stages` builds the chain one run composes and checks it before any work starts (a stage that
+needs a column no earlier stage makes fails there, not in the middle of the run). Read and decode are map
+stages that stream through Ray Data in parallel; the driver then gathers the decodable rows (and, when a
+score is asked for, the small decoded arrays the proxy models train on) and runs the all-to-all stages over
+all of them at once.
 """
 
 from __future__ import annotations
@@ -11,43 +13,28 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline.core.config import Config
+from pipeline.core.config import Config, PruneConfig
 from pipeline.core.errors import UserInputError
 from pipeline.core.storage import join, output_lock
-from stages.decode import DecodeOptions, DecodeStage
-from stages.manifest import MANIFEST_NAME, QUARANTINE_NAME, write_manifest, write_quarantine
-from stages.read import ImageListing, ReadBytes, list_images, read_images
+from stages.base import Batch, ChainStages, Progress, Stage, check_chain, run_on_driver
+from stages.decode import GOOD_COLUMNS, DecodeOptions, DecodeStage, GatherDecoded
+from stages.embed import DuplicateGroups
+from stages.manifest import MANIFEST_NAME, QUARANTINE_NAME, ManifestStage, manifest_frame, write_quarantine
+from stages.prune import PruneStage, policy_for
+from stages.read import LISTING_COLUMNS, ImageListing, ReadBytes, list_images, read_chain
+from stages.score import ScoreStage, Unscored
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-
-class StageChainError(ValueError):
-    """A stage needs a column that no earlier stage makes."""
 
 
 class NothingDecoded(UserInputError):
     """Every listed object was quarantined: there is nothing to score, prune or train on."""
-
-
-def check_stages(stages: list[object], initial: tuple[str, ...]) -> None:
-    """Fail before the run when a stage needs a column no earlier stage produces (NeMo Curator style)."""
-    available = set(initial)
-    for stage in stages:
-        missing = set(getattr(stage, "requires", ())) - available
-        if missing:
-            raise StageChainError(
-                f"stage {getattr(stage, 'name', stage)!r} needs column(s) {sorted(missing)}, "
-                f"but only {sorted(available)} are available at that point"
-            )
-        available |= set(getattr(stage, "produces", ()))
 
 
 @dataclass
@@ -58,6 +45,13 @@ class Decoded:
     images: np.ndarray | None  # N×S×S×3 uint8 in `frame` order, when kept
     quarantine: pd.DataFrame  # path, sha256, reason, error
     classes: list[str] = field(default_factory=list)
+
+    def batch(self) -> Batch:
+        """The good rows as one batch (every row) for the driver's stages; `image` when kept."""
+        columns: Batch = {name: self.frame[name].to_numpy() for name in GOOD_COLUMNS}
+        if self.images is not None:
+            columns["image"] = self.images
+        return columns
 
 
 @dataclass
@@ -76,45 +70,98 @@ class CurateResult:
         return total / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Ingest:
+    """Read → decode, one fused Ray Data map stage, then the driver's gather of the decodable rows."""
+
+    read_decode: ChainStages
+    gather: GatherDecoded
+
+    @classmethod
+    def build(cls, config: Config, keep_images: bool) -> Ingest:
+        decode = DecodeStage(DecodeOptions.from_config(config.decode))
+        return cls(ChainStages(ReadBytes(config.data.storage_options), decode), GatherDecoded(keep_images))
+
+    def stages(self) -> list[Stage]:
+        return [self.read_decode, self.gather]
+
+
+@dataclass(frozen=True)
+class CurationPlan:
+    """The stages one curation composes, in order: `ingest`, then `rows` over every decodable row on the
+    driver, then the `manifest` sink."""
+
+    ingest: Ingest
+    rows: list[Stage]  # score + duplicates, or unscored; then prune
+    manifest: ManifestStage
+    score: ScoreStage | None = None  # the score stage among `rows`, whose outcome says what it cost
+
+    def stages(self) -> list[Stage]:
+        return [*self.ingest.stages(), *self.rows, self.manifest]
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def prune_config(config: Config) -> PruneConfig:
+    """`prune`, except that with no score a policy that needs one keeps everything instead (random does not
+    need one)."""
+    if config.score.method != "none" or not policy_for(config.prune.policy).needs_score:
+        return config.prune
+    log.info(
+        "score.method=none: prune.policy=%s needs scores, so every image is kept "
+        "(prune.policy=random prunes without them)",
+        config.prune.policy,
+    )
+    return config.prune.model_copy(update={"policy": "none"})
+
+
+def curation_stages(
+    config: Config,
+    classes: list[str],
+    manifest_url: str,
+    metadata: dict[str, Any],
+    progress: Progress | None = None,
+) -> CurationPlan:
+    """The chain this run composes, checked against the listing's columns before anything runs."""
+    scoring = config.score.method != "none"
+    score = ScoreStage(config, classes, progress) if scoring else None
+    rows: list[Stage] = [score, DuplicateGroups(config.score.duplicate_threshold)] if score else [Unscored()]
+    rows.append(PruneStage(prune_config(config)))
+    manifest = ManifestStage(manifest_url, metadata, config.data.storage_options)
+    plan = CurationPlan(Ingest.build(config, keep_images=scoring), rows, manifest, score)
+    check_chain(plan.stages(), LISTING_COLUMNS)
+    return plan
 
 
 def decode_listing(
     listing: ImageListing, config: Config, keep_images: bool, progress: Progress | None = None
 ) -> Decoded:
     """Read and decode every listed object with Ray Data; returns good rows (and pixels) and quarantine rows."""
-    decode = DecodeStage(DecodeOptions.from_config(config.decode))
-    check_stages([ReadBytes(config.data.storage_options), decode], initial=("path", "label", "class_name"))
-    ds = read_images(listing, config.data, then=[decode])
-    total = len(listing)
-    rows: list[pd.DataFrame] = []
-    images: list[np.ndarray] = []
+    return decode_with(listing, config, Ingest.build(config, keep_images), progress)
+
+
+def decode_with(
+    listing: ImageListing, config: Config, ingest: Ingest, progress: Progress | None = None
+) -> Decoded:
+    """`decode_listing` with the ingest stages given (a plan's, already checked)."""
+    check_chain(ingest.stages(), LISTING_COLUMNS)
+    parts: list[Batch] = []
     done = 0
-    for batch in ds.iter_batches(
+    batches = read_chain(listing, config.data, ingest.read_decode).iter_batches(
         batch_size=config.data.read_batch_size, batch_format="numpy", prefetch_batches=4
-    ):
-        n = len(batch["path"])
-        rows.append(
-            pd.DataFrame(
-                {k: batch[k] for k in ("path", "sha256", "label", "class_name", "ok", "reason", "error")}
-            )
-        )
-        if keep_images:
-            images.append(batch["image"][batch["ok"]])
-        done += n
+    )
+    for batch in batches:
+        parts.append({name: batch[name] for name in ingest.gather.inputs})  # no bytes, no unwanted pixels
+        done += len(batch["path"])
         if progress:
-            progress("decode", done, total)
-    table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["path", "ok"])
-    good_mask = table["ok"].astype(bool).to_numpy()
-    good = table[good_mask][["path", "sha256", "label", "class_name"]].reset_index(drop=True)
-    pixels = np.concatenate(images) if (keep_images and images) else None
-    order = np.argsort(good["path"].to_numpy(dtype=str), kind="stable")
-    good = good.iloc[order].reset_index(drop=True)
-    if pixels is not None:
-        pixels = pixels[order]
-    bad = table[~good_mask][["path", "sha256", "reason", "error"]].sort_values("path").reset_index(drop=True)
-    return Decoded(frame=good, images=pixels, quarantine=bad, classes=listing.classes)
+            progress("decode", done, len(listing))
+    # read_chain refuses an empty listing, and every listed object comes back as a row (good or not)
+    every = {name: np.concatenate([p[name] for p in parts]) for name in ingest.gather.inputs}
+    good = ingest.gather(every)
+    frame = pd.DataFrame({name: good[name] for name in GOOD_COLUMNS})
+    return Decoded(frame, good.get("image"), ingest.gather.quarantine(every), listing.classes)
 
 
 def curate(config: Config, progress: Progress | None = None, output: str | None = None) -> CurateResult:
@@ -128,51 +175,33 @@ def curate(config: Config, progress: Progress | None = None, output: str | None 
     )
     if progress:
         progress("list", len(listing), len(listing))
-    scoring = config.score.method != "none"
-    score_counts: dict[str, int] = {}
-    decoded = decode_listing(listing, config, keep_images=scoring, progress=progress)
-    frame = decoded.frame.copy()
-    if scoring and len(frame):
-        from stages.prune import prune
-        from stages.score import score_decoded
-
-        outcome = score_decoded(decoded, config, progress=progress)
-        frame = prune(outcome.frame, config.prune)
-        score_counts = {"scored": outcome.scored, "cached": outcome.cached}
-    elif config.prune.policy == "random" and len(frame):  # the random baseline needs no score
-        from stages.prune import prune
-
-        frame["score"] = np.nan
-        frame = prune(frame, config.prune)
-    else:
-        if not scoring and config.prune.policy != "none":
-            log.info(
-                "score.method=none: prune.policy=%s needs scores, so every image is kept "
-                "(prune.policy=random prunes without them)",
-                config.prune.policy,
-            )
-        frame["score"] = np.nan
-        frame["kept"] = True
-        frame["reason"] = "kept"
     metadata = {"run_id": run_id, "config": config.redacted(), "classes": listing.classes}
     manifest_url = join(output, MANIFEST_NAME)
     quarantine_url = join(output, QUARANTINE_NAME)
+    plan = curation_stages(config, listing.classes, manifest_url, metadata, progress)
+
+    decoded = decode_with(listing, config, plan.ingest, progress)
+    # With no decodable image there is nothing to score or prune: the manifest is written empty.
+    rows = run_on_driver(plan.rows, decoded.batch()) if len(decoded.frame) else decoded.batch()
     so = config.data.storage_options
     # each file is atomic; the lock keeps the pair from one run when two runs share an output
     with output_lock(output, so):
         write_quarantine(quarantine_url, decoded.quarantine, metadata, so)
-        write_manifest(manifest_url, frame, metadata, so)
-    counts = Counter(frame["reason"].tolist()) + Counter(
-        f"quarantine:{r}" for r in decoded.quarantine["reason"]
-    )
-    counts.update(score_counts)  # scored = cache misses scored this run, cached = cache hits
-    seconds = time.perf_counter() - start
-    if frame.empty:  # both files are written (one run's pair); the quarantine says why each file failed
+        plan.manifest(rows)
+    if decoded.frame.empty:  # both files are written (one run's pair); the quarantine says why each failed
         reasons = ", ".join(f"{r} {n}" for r, n in Counter(decoded.quarantine["reason"]).most_common())
         raise NothingDecoded(
             f"none of the {len(listing)} objects under {config.data.input} decoded ({reasons}); "
             f"each file's reason is in {quarantine_url}"
         )
+    frame = manifest_frame(rows)
+    counts = Counter(frame["reason"].tolist()) + Counter(
+        f"quarantine:{r}" for r in decoded.quarantine["reason"]
+    )
+    if plan.score is not None and plan.score.outcome is not None:
+        outcome = plan.score.outcome  # scored = cache misses scored this run, cached = cache hits
+        counts.update({"scored": outcome.scored, "cached": outcome.cached})
+    seconds = time.perf_counter() - start
     log.info("curated %d objects in %.1f s", len(listing), seconds)
     return CurateResult(
         run_id=run_id,

@@ -25,12 +25,13 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.core.config import DecodeConfig
+from stages.base import ALL_TO_ALL, Batch, Stage
 
 QUARANTINE_REASONS = ("missing", "empty", "too-large", "not-an-image", "truncated", "corrupt")
 
@@ -183,24 +184,26 @@ def decode_image(data: bytes | None, options: DecodeOptions) -> np.ndarray:
     return array
 
 
-class DecodeStage:
-    """Ray Data `map_batches` callable: decodes a batch of objects, turning failures into quarantine rows.
+class DecodeStage(Stage):
+    """Map stage: decodes a batch of objects, turning failures into quarantine rows (see the module docstring
+    for the columns).
 
     `hash_bytes=False` leaves out the `sha256` column: the training stream has no use for it, and hashing
     every object costs about 2% of a decode.
     """
 
     name = "decode"
-    requires = ("path", "bytes")
-    produces = ("path", "sha256", "image", "ok", "reason", "error")
+    inputs = ("path", "bytes")
+    outputs = ("path", "sha256", "image", "ok", "reason", "error")
+    drops = ("bytes",)
 
     def __init__(self, options: DecodeOptions, hash_bytes: bool = True) -> None:
         self.options = options
         self.hash_bytes = hash_bytes
         if not hash_bytes:
-            self.produces = tuple(c for c in DecodeStage.produces if c != "sha256")
+            self.outputs = tuple(c for c in DecodeStage.outputs if c != "sha256")
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def process(self, batch: Batch) -> Batch:
         size = self.options.image_size
         paths = list(batch["path"])
         blobs = list(batch["bytes"])
@@ -230,3 +233,38 @@ class DecodeStage:
         if self.hash_bytes:
             out["sha256"] = np.asarray(sha, dtype=object)
         return out
+
+
+# Columns of a decodable image after `GatherDecoded`, and of a quarantine row.
+GOOD_COLUMNS = ("path", "sha256", "label", "class_name")
+QUARANTINE_COLUMNS = ("path", "sha256", "reason", "error")
+
+
+class GatherDecoded(Stage):
+    """All-to-all: every decoded row at once → the decodable ones (`GOOD_COLUMNS`, and `image` when
+    `keep_images`), sorted by path; `quarantine` gives the others.
+
+    Global because of the sort: Ray Data hands blocks back in no fixed order, and proxy training, hence every
+    score, depends on the order of its rows.
+    """
+
+    name = "gather-decoded"
+    kind = ALL_TO_ALL
+    passthrough = False
+
+    def __init__(self, keep_images: bool) -> None:
+        self.keep_images = keep_images
+        pixels = ("image",) if keep_images else ()
+        self.inputs = (*GOOD_COLUMNS, "ok", "reason", "error", *pixels)
+        self.outputs = (*GOOD_COLUMNS, *pixels)
+
+    def process(self, batch: Batch) -> Batch:
+        good = np.flatnonzero(np.asarray(batch["ok"], dtype=bool))
+        order = good[np.argsort(np.asarray(batch["path"])[good].astype(str), kind="stable")]
+        return {name: np.asarray(batch[name])[order] for name in self.outputs}
+
+    def quarantine(self, batch: Batch) -> pd.DataFrame:
+        """The rows that did not decode (`QUARANTINE_COLUMNS`), sorted by path."""
+        bad = ~np.asarray(batch["ok"], dtype=bool)
+        frame = pd.DataFrame({name: np.asarray(batch[name])[bad] for name in QUARANTINE_COLUMNS})
+        return frame.sort_values("path").reset_index(drop=True)

@@ -11,6 +11,9 @@ class close together, so a cosine threshold there would merge distinct images. E
 16×16 grey thumbnail with its mean removed (so brightness and contrast shifts, re-encoding and small
 resizes do not matter) and images with cosine similarity ≥ `score.duplicate_threshold` share a group
 (transitively). The comparison is all-pairs in blocks: O(N²) time, O(block·N) memory.
+
+Both are global, so they run as all-to-all stages: `DuplicateGroups` here, and the prototype distance inside
+`stages.score.ScoreStage` (its k-means prototypes are cached with the proxies, so it lives with them).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from stages.base import ALL_TO_ALL, Batch, Stage
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,22 @@ def near_duplicate_groups(images: np.ndarray, threshold: float, block: int = 204
     groups = np.asarray([_find(parent, i) for i in range(n)], dtype=np.int64)
     log.info("near-duplicates: %d images in %d groups", int((groups != np.arange(n)).sum()), _multi(groups))
     return groups
+
+
+class DuplicateGroups(Stage):
+    """All-to-all: `duplicate_group` per image (see `near_duplicate_groups`), so that prune can keep one
+    image per group. Global by nature: every image is compared with every other."""
+
+    name = "duplicates"
+    kind = ALL_TO_ALL
+    inputs = ("image",)
+    outputs = ("duplicate_group",)
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold  # cosine similarity of mean-removed thumbnails (score.duplicate_threshold)
+
+    def process(self, batch: Batch) -> Batch:
+        return {**batch, "duplicate_group": near_duplicate_groups(batch["image"], self.threshold)}
 
 
 def _multi(groups: np.ndarray) -> int:

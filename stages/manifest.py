@@ -4,7 +4,8 @@
 harder examples; a score column that was not computed is null. `quarantine.parquet` has one row per object
 that could not be decoded. Key-value metadata holds the config (secrets redacted), the maskdiet version and
 the run id. The file is serialised in memory, then written in one atomic step (see
-`pipeline.core.storage.atomic_write_bytes`), so a reader never sees half a manifest.
+`pipeline.core.storage.atomic_write_bytes`), so a reader never sees half a manifest. `ManifestStage` is
+the writing as the last stage of a chain: it declares the columns a manifest needs.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.core.storage import atomic_write_bytes, url_to_fs
-
-SCORE_COLUMNS = ("el2n", "el2n_std", "grand", "forgetting", "prototype")
+from stages.base import ALL_TO_ALL, Batch, Stage
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -49,6 +49,9 @@ QUARANTINE_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+
+# The columns no manifest row does without; the other MANIFEST_SCHEMA columns are null when not computed.
+MANIFEST_INPUTS = ("path", "sha256", "label", "class_name", "score", "kept", "reason")
 
 MANIFEST_NAME = "manifest.parquet"
 QUARANTINE_NAME = "quarantine.parquet"
@@ -87,6 +90,31 @@ def write_quarantine(
     url: str, frame: pd.DataFrame, metadata: dict[str, Any], storage_options: dict[str, Any] | None = None
 ) -> None:
     _write(url, _table(frame, QUARANTINE_SCHEMA, metadata), storage_options)
+
+
+def manifest_frame(batch: Batch) -> pd.DataFrame:
+    """A batch's manifest columns as a frame, in MANIFEST_SCHEMA order; the columns it lacks stay out
+    (`write_manifest` writes them as null) and so do the others (`image`)."""
+    return pd.DataFrame({name: batch[name] for name in MANIFEST_SCHEMA.names if name in batch})
+
+
+class ManifestStage(Stage):
+    """All-to-all, the sink: every row's record → one Parquet file at `url`, written atomically. A manifest
+    is written once, whole (a reader never sees half of one), so it waits for every row. Returns the batch
+    as it came."""
+
+    name = "manifest"
+    kind = ALL_TO_ALL
+    inputs = MANIFEST_INPUTS
+
+    def __init__(
+        self, url: str, metadata: dict[str, Any], storage_options: dict[str, Any] | None = None
+    ) -> None:
+        self.url, self.metadata, self.storage_options = url, metadata, storage_options
+
+    def process(self, batch: Batch) -> Batch:
+        write_manifest(self.url, manifest_frame(batch), self.metadata, self.storage_options)
+        return batch
 
 
 def read_table(

@@ -1,7 +1,8 @@
 """Prune stage: choose which scored examples to keep, and record why each other one was dropped.
 
 Pure pandas/numpy and deterministic for `prune.seed`, so Ray Tune can re-prune one scored manifest per
-trial without Ray Data. Input: a frame with `score` (higher = harder; NaN = unknown, treated as the median
+trial without Ray Data; `PruneStage` is the same as an all-to-all stage. `prune.policy` picks a `Policy`
+from `POLICIES` by name. Input: a frame with `score` (higher = harder; NaN = unknown, treated as the median
 score) and optionally `label` and `duplicate_group`. Output: the same rows, same order, plus `kept` (bool)
 and `reason`:
 
@@ -30,12 +31,15 @@ The keep target is `keep_count` when set, else round(keep · total rows), capped
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from pipeline.core.config import PruneConfig
 from pipeline.core.errors import UserInputError
+from stages.base import ALL_TO_ALL, Batch, Stage
 
 log = logging.getLogger(__name__)
 
@@ -103,74 +107,170 @@ def _stratified_pick(
     return (np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)), hard
 
 
+# ---------------------------------------------------------------------------------------------- policies
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What a policy chose among the candidate rows (positions into them)."""
+
+    kept: np.ndarray  # positions kept
+    reason: str  # the reason of every candidate neither kept nor in `hard`
+    hard: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # dropped as too hard
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The rows a policy chooses from (after near-duplicates are set aside), and what it may use."""
+
+    score: (
+        np.ndarray
+    )  # (n,) higher = harder; unknown scores already replaced by the median (zeros when unused)
+    labels: np.ndarray | None  # (n,) class per row, when the frame has `label`
+    target: int  # how many to keep
+    config: PruneConfig
+    rng: np.random.Generator  # seeded with prune.seed
+
+
+def _keep_all(c: Candidates) -> Pick:
+    return Pick(np.arange(len(c.score)), "kept")
+
+
+def _random(c: Candidates) -> Pick:
+    return Pick(c.rng.permutation(len(c.score))[: c.target], "pruned:random")
+
+
+def _keep_hard(c: Candidates) -> Pick:
+    return Pick(_order_hard_first(c.score)[: c.target], "pruned:easy")
+
+
+def _keep_easy(c: Candidates) -> Pick:
+    return Pick(_order_hard_first(c.score)[::-1][: c.target], "pruned:hard")
+
+
+def _offset(c: Candidates) -> Pick:
+    kept, hard = _offset_pick(c.score, c.target, c.config.offset)
+    return Pick(kept, "pruned:easy", hard)
+
+
+def _stratified(c: Candidates) -> Pick:
+    kept, hard = _stratified_pick(c.score, c.target, c.config.offset, c.config.bins, c.rng)
+    return Pick(kept, "pruned:stratified", hard)
+
+
+def _class_balanced(c: Candidates) -> Pick:
+    """The offset rule inside each class, with per-class quotas from `balanced_quotas`."""
+    assert c.labels is not None  # Policy.needs_labels: checked before
+    members = [np.flatnonzero(c.labels == k) for k in np.unique(c.labels)]
+    quotas = balanced_quotas(np.asarray([len(m) for m in members]), c.target)
+    kept, hard = [], []
+    for m, q in zip(members, quotas, strict=True):
+        kept_local, hard_local = _offset_pick(c.score[m], int(q), c.config.offset)
+        kept.append(m[kept_local])
+        hard.append(m[hard_local])
+    empty = np.zeros(0, dtype=np.int64)
+    return Pick(
+        np.concatenate(kept) if kept else empty, "pruned:easy", np.concatenate(hard) if hard else empty
+    )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One `prune.policy`: its choice, and the columns it needs."""
+
+    pick: Callable[[Candidates], Pick]
+    needs_score: bool = True
+    needs_labels: bool = False
+
+
+POLICIES: dict[str, Policy] = {
+    "keep-hard": Policy(_keep_hard),
+    "keep-easy": Policy(_keep_easy),
+    "offset": Policy(_offset),
+    "stratified": Policy(_stratified),
+    "class-balanced": Policy(_class_balanced, needs_labels=True),
+    "random": Policy(_random, needs_score=False),
+    "none": Policy(_keep_all, needs_score=False),
+}
+
+
+def policy_for(name: str) -> Policy:
+    if name not in POLICIES:
+        raise UserInputError(f"unknown prune.policy {name!r}; expected one of {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+# ---------------------------------------------------------------------------------------------- prune
+
+
+def _first_of_each_group(frame: pd.DataFrame, config: PruneConfig) -> np.ndarray:
+    """Row positions left to choose from: all rows, or with `drop_duplicates` the first row of each
+    near-duplicate group (rows without a group count as their own)."""
+    if not (config.drop_duplicates and "duplicate_group" in frame and frame["duplicate_group"].notna().any()):
+        return np.arange(len(frame))
+    groups = frame["duplicate_group"].to_numpy()
+    first = ~pd.Series(groups).duplicated(keep="first").to_numpy() | pd.isna(groups)
+    return np.flatnonzero(first)
+
+
+def _candidate_scores(frame: pd.DataFrame, rows: np.ndarray, policy: str) -> np.ndarray:
+    """The candidates' scores, an unknown (NaN) score counted as the median."""
+    if "score" not in frame or frame["score"].isna().all():
+        raise UserInputError(f"prune.policy={policy} needs a `score` column with values; score first")
+    raw = frame["score"].to_numpy(dtype=np.float64)[rows]
+    unknown = np.isnan(raw)
+    if unknown.any():
+        log.warning("%d rows have no score; they count as the median score", int(unknown.sum()))
+    return np.where(unknown, np.nanmedian(raw), raw)
+
+
 def prune(frame: pd.DataFrame, config: PruneConfig) -> pd.DataFrame:
     """Add `kept` and `reason` to a copy of `frame` per `config` (see the module docstring)."""
     out = frame.copy()
-    n_total = len(out)
-    reason = np.full(n_total, "kept", dtype=object)
-    candidates = np.arange(n_total)
-    if config.drop_duplicates and "duplicate_group" in out and out["duplicate_group"].notna().any():
-        groups = out["duplicate_group"].to_numpy()
-        first = ~pd.Series(groups).duplicated(keep="first").to_numpy() | pd.isna(groups)
-        reason[~first] = "pruned:duplicate"
-        candidates = np.flatnonzero(first)
-    target = min(keep_target(n_total, config), len(candidates))
-    policy = config.policy
-    rng = np.random.default_rng(config.seed)
-
-    if policy in ("none", "random"):
+    policy = policy_for(config.policy)
+    reason = np.full(len(out), "kept", dtype=object)
+    candidates = _first_of_each_group(out, config)
+    reason[np.setdiff1d(np.arange(len(out)), candidates)] = "pruned:duplicate"
+    if policy.needs_score:
+        score = _candidate_scores(out, candidates, config.policy)
+    else:
         score = np.zeros(len(candidates))
-    else:
-        if "score" not in out or out["score"].isna().all():
-            raise UserInputError(f"prune.policy={policy} needs a `score` column with values; score first")
-        raw = out["score"].to_numpy(dtype=np.float64)[candidates]
-        unknown = np.isnan(raw)
-        if unknown.any():
-            log.warning("%d rows have no score; they count as the median score", int(unknown.sum()))
-        score = np.where(unknown, np.nanmedian(raw), raw)
-
-    kept_pos: np.ndarray
-    if policy == "none":
-        kept_pos = np.arange(len(candidates))
-    elif policy == "random":
-        kept_pos = rng.permutation(len(candidates))[:target]
-        reason[candidates] = "pruned:random"
-    elif policy == "keep-hard":
-        kept_pos = _order_hard_first(score)[:target]
-        reason[candidates] = "pruned:easy"
-    elif policy == "keep-easy":
-        kept_pos = _order_hard_first(score)[::-1][:target]
-        reason[candidates] = "pruned:hard"
-    elif policy == "offset":
-        kept_pos, hard = _offset_pick(score, target, config.offset)
-        reason[candidates] = "pruned:easy"
-        reason[candidates[hard]] = "pruned:hard"
-    elif policy == "stratified":
-        kept_pos, hard = _stratified_pick(score, target, config.offset, config.bins, rng)
-        reason[candidates] = "pruned:stratified"
-        reason[candidates[hard]] = "pruned:hard"
-    elif policy == "class-balanced":
-        if "label" not in out:
-            raise UserInputError("prune.policy=class-balanced needs a `label` column")
-        labels = out["label"].to_numpy()[candidates]
-        classes = np.unique(labels)
-        members = [np.flatnonzero(labels == c) for c in classes]
-        quotas = balanced_quotas(np.asarray([len(m) for m in members]), target)
-        reason[candidates] = "pruned:easy"
-        picks = []
-        for m, q in zip(members, quotas, strict=True):
-            kept_local, hard_local = _offset_pick(score[m], int(q), config.offset)
-            reason[candidates[m[hard_local]]] = "pruned:hard"
-            picks.append(m[kept_local])
-        kept_pos = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
-    else:
-        raise UserInputError(f"unknown prune.policy {policy!r}")
-
-    reason[candidates[kept_pos]] = "kept"
+    if policy.needs_labels and "label" not in out:
+        raise UserInputError(f"prune.policy={config.policy} needs a `label` column")
+    labels = out["label"].to_numpy()[candidates] if "label" in out else None
+    target = min(keep_target(len(out), config), len(candidates))
+    rng = np.random.default_rng(config.seed)
+    pick = policy.pick(Candidates(score, labels, target, config, rng))
+    reason[candidates] = pick.reason
+    reason[candidates[pick.hard]] = "pruned:hard"
+    reason[candidates[pick.kept]] = "kept"
     out["kept"] = reason == "kept"
     out["reason"] = reason.astype(str)
-    log.info("prune %s: kept %d of %d", policy, int(out["kept"].sum()), n_total)
+    log.info("prune %s: kept %d of %d", config.policy, int(out["kept"].sum()), len(out))
     return out
+
+
+class PruneStage(Stage):
+    """All-to-all: `prune` over every scored row at once, adding `kept` and `reason`.
+
+    Global by nature: whether a row is kept depends on every other row's score (its rank, the hardest
+    fraction, its class's quota, the score bins), so it cannot run per batch.
+    """
+
+    name = "prune"
+    kind = ALL_TO_ALL
+    outputs = ("kept", "reason")
+
+    def __init__(self, config: PruneConfig) -> None:
+        policy = policy_for(config.policy)
+        self.config = config
+        needs = {"score": policy.needs_score, "label": policy.needs_labels}
+        self.inputs = tuple(name for name, needed in needs.items() if needed)
+
+    def process(self, batch: Batch) -> Batch:
+        used = [name for name in ("score", "label", "duplicate_group") if name in batch]
+        out = prune(pd.DataFrame({name: batch[name] for name in used}), self.config)
+        return {**batch, "kept": out["kept"].to_numpy(), "reason": out["reason"].to_numpy()}
 
 
 def score_summary(frame: pd.DataFrame) -> pd.DataFrame:

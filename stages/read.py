@@ -6,8 +6,8 @@ are skipped (sidecars such as `_truth.parquet`). Labels come from the first fold
 columns `path`, `label` and optionally `class_name`; paths relative to the root or full URLs). Files
 directly under the root, with no class folder, get label -1.
 
-Output of `read_images` (a Ray Dataset): `path` (full URL), `bytes`, `label` (int64), `class_name`, or
-what its `then` stages make of them. Bytes are read in the tasks that decode them (see `read_images`),
+Output of `read_images` (a Ray Dataset): `LISTING_COLUMNS` — `path` (full URL), `label` (int64),
+`class_name` — and `bytes` (the map stage `ReadBytes`), or what its `then` stages make of them. Bytes are read in the tasks that decode them (see `read_images`),
 many objects per request round.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,11 @@ from pipeline.core.config import DataConfig
 from pipeline.core.errors import UserInputError
 from pipeline.core.runtime import RETRIED_IO_ERRORS
 from pipeline.core.storage import StorageError, check_readable, to_url, url_to_fs
+from stages.base import Batch, ChainStages, Stage, check_chain, map_batches
 
 log = logging.getLogger(__name__)
+
+LISTING_COLUMNS = ("path", "label", "class_name")  # what a listing hands the first stage, per object
 
 
 class LabelsError(UserInputError):
@@ -174,8 +177,8 @@ def _listing_from_table(config: DataConfig, fs: Any, root: str, found: list[str]
     )
 
 
-class ReadBytes:
-    """`map_batches` callable: adds `bytes`, the content of each row's `path` (a full URL), or None for an
+class ReadBytes(Stage):
+    """Map stage: adds `bytes`, the content of each row's `path` (a full URL), or None for an
     object deleted since it was listed (decode quarantines it as `missing`: one vanished file never ends a
     run).
 
@@ -188,14 +191,14 @@ class ReadBytes:
     """
 
     name = "read"
-    requires = ("path",)
-    produces = ("bytes",)
+    inputs = ("path",)
+    outputs = ("bytes",)
 
     def __init__(self, storage_options: dict[str, Any], attempts: int = 4) -> None:
         self.storage_options = storage_options
         self.attempts = attempts
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def process(self, batch: Batch) -> Batch:
         urls = [str(p) for p in batch["path"]]
         if not urls:
             batch["bytes"] = np.asarray([], dtype=object)
@@ -245,31 +248,10 @@ def _read_local(path: str) -> bytes | None:
         return None
 
 
-class ChainStages:
-    """`map_batches` callable that runs several stages in turn on one batch.
-
-    Ray Data fuses consecutive `map_batches` into one task, but still turns each stage's output into an
-    Arrow block before the next stage reads it; chained, the batch stays a dict of numpy arrays from the
-    read to the last stage (measured: 2,000 JPEGs → 64 px batches, 8% less time per pass on 2 CPUs).
-    """
-
-    def __init__(self, *stages: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-        self.stages = stages
-        self.name = " → ".join(getattr(s, "name", getattr(s, "__name__", type(s).__name__)) for s in stages)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        for stage in self.stages:
-            batch = stage(batch)
-        return batch
-
-
-def read_images(
-    listing: ImageListing,
-    config: DataConfig,
-    then: Sequence[Callable[[dict[str, Any]], dict[str, Any]]] = (),
-) -> ray.data.Dataset:
+def read_images(listing: ImageListing, config: DataConfig, then: Sequence[Stage] = ()) -> ray.data.Dataset:
     """A lazy Ray Dataset of the listed objects' bytes and labels (nothing is read until consumed), with
-    the `then` stages (decode, ...) applied to each batch right after its read, in the same call.
+    the `then` map stages (decode, ...) applied to each batch right after its read, in the same call
+    (`read_chain`).
 
     The listing (paths and labels only) is cut into blocks of `data.task_rows` rows on the driver; each
     block's objects are read by `ReadBytes`, `read_batch_size` at a time, in one Ray task, which Ray Data
@@ -280,6 +262,13 @@ def read_images(
     stream about 1.5× faster than 64-row ones). The blocks are Arrow tables handed over as they are
     (`from_blocks`): `from_pandas` would run one metadata task per block on the same workers first.
     """
+    return read_chain(listing, config, ChainStages(ReadBytes(config.storage_options), *then))
+
+
+def read_chain(listing: ImageListing, config: DataConfig, chain: ChainStages) -> ray.data.Dataset:
+    """`read_images` with the chain given whole: `ReadBytes` first, then the stages that take its bytes.
+    The chain is checked against the listing's columns before anything runs."""
+    check_chain([chain], LISTING_COLUMNS)
     if len(listing) == 0:
         raise StorageError(
             f"no images found under {config.input} (extensions: {', '.join(config.extensions)})"
@@ -289,12 +278,8 @@ def read_images(
         pa.Table.from_pandas(frame.iloc[i : i + step], preserve_index=False)
         for i in range(0, len(frame), step)
     ]
-    stages = ChainStages(ReadBytes(config.storage_options), *then)
-    dataset = ray.data.from_blocks(blocks).map_batches(
-        stages, batch_size=config.read_batch_size, batch_format="numpy"
-    )
-    # All the work is one fused operator: Ray Data's per-operator reservation would hold it to half the CPUs
-    # it may use (measured on 2 CPUs: a 2,000-JPEG training pass ran one task at a time, 1.4 s against 0.8 s
-    # without it; curate of 1,500 JPEGs took 1.58 s against 1.08 s).
-    dataset.context.op_resource_reservation_enabled = False
+    dataset = map_batches(ray.data.from_blocks(blocks), chain, batch_size=config.read_batch_size)
+    # All the work is one fused operator. On a small cluster Ray Data's per-operator reservation held it to
+    # half the CPUs it may use (2 CPUs: a 2,000-JPEG training pass 1.4 s against 0.8 s without it); the size
+    # profile set by `runtime.configure_data_context` turns the reservation off there.
     return dataset

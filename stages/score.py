@@ -1,10 +1,10 @@
 """Score stage: how hard is each labeled example? EL2N, GraNd and forgetting from K briefly trained proxies.
 
 The method is "Deep Learning on a Data Diet" (Paul, Ganguli, Dziugaite, 2021). K small classifiers
-(different seeds) train for a few epochs on the decoded images — one Ray task each, the pixels put in the
-object store once — then every example is scored by Ray Data `map_batches` tasks on the same, already warm
-workers (or, with `score.compute=actors`, an actor pool that loads the K models once per actor). Higher is
-harder for every score:
+(`pipeline.models.proxy`, different seeds) train for a few epochs on the decoded images — one Ray task each,
+the pixels put in the object store once — then every example is scored by the map stage `ScoreModels`,
+run by Ray Data tasks on the same, already warm workers (or, with `score.compute=actors`, an actor pool that
+loads the K models once per actor). Higher is harder for every score:
 
 - `el2n`: E_k ‖softmax(f_k(x)) − onehot(y)‖₂ (L2 norm, not squared), eval mode, no augmentation;
   0 ≤ el2n ≤ √2, and a uniform prediction gives √(1 − 1/C). `el2n_std` is the std over the K models.
@@ -14,12 +14,14 @@ harder for every score:
 - `forgetting` (Toneva et al. 2019): mean over the K models of the number of correct → incorrect
   transitions seen while training; an example never classified correctly counts `epochs` (more than any
   learned example can reach), as "unforgettable" examples count 0.
+- `prototype` (label-free): the proxies learn which of 4 rotations was applied, and only their embeddings
+  are used: the distance to the nearest k-means prototype (see `stages/embed.py`).
 
-With `score.method=prototype` the proxies are trained label-free instead (predict which of 4 rotations was
-applied) and only embeddings are used (see `stages/embed.py`).
-
-`score_decoded` composes it all with the score cache (`stages/score_cache.py`): only cache misses are
-scored; proxies trained by an earlier run with the same scoring config are reused.
+`score.method` picks a `Scorer` from `SCORERS` by name. The three labeled methods compute the same columns
+(one proxy training gives all three; the cache keeps them together) and differ only in which becomes
+`score`. `score_images` composes it with the score cache (`stages/score_cache.py`): only cache misses are
+scored; proxies trained by an earlier run with the same scoring config are reused. `ScoreStage` is the
+whole of it as an all-to-all stage.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,248 +40,20 @@ import ray
 import ray.data
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pipeline.core.config import Config, ScoreConfig
 from pipeline.core.errors import UserInputError
 from pipeline.core.runtime import cluster_cpus
+from pipeline.core.storage import join
+from pipeline.models.proxy import ProxyNet, ProxyResult, ProxySpec, build_proxy, to_input, train_proxy
+from stages.base import ALL_TO_ALL, Batch, Progress, Resources, Stage, map_batches
+from stages.embed import encoder_embeddings, prototype_scores
+from stages.score_cache import ScoreCache, scoring_key
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-SCORE_FRAME_COLUMNS = ("el2n", "el2n_std", "grand", "forgetting", "prototype", "duplicate_group", "score")
-ROTATIONS = 4  # label-free proxy task: predict k in rot90(x, k)
-
-
-# ---------------------------------------------------------------------------------------------- models
-
-
-class ProxyNet(nn.Module):
-    """A classifier split as `body` (images → features h, (N, D)) and a linear `head` (h → logits, (N, C)).
-
-    The split is what GraNd's closed form and the prototype embeddings need.
-    """
-
-    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.body = body
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 3, S, S) normalised floats → h: (N, D)."""
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 3, S, S) → logits (N, C)."""
-        return self.head(self.features(x))
-
-
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-    )
-
-
-def build_proxy(name: str, num_classes: int) -> ProxyNet:
-    """`cnn-small`: a stride-2 stem and 2 conv blocks (16-32-64 channels, ~25k weights, ~0.7M
-    multiply-adds at 32×32), global average pool, D = 64: K of them train on a laptop's cores in seconds.
-    `resnet18`: timm's ResNet-18 trunk (random init), D = 512."""
-    if name == "cnn-small":
-        body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False),  # (N, 16, S/2, S/2)
-            nn.BatchNorm2d(16),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # S/4
-            _conv_block(16, 32),
-            nn.MaxPool2d(2),  # S/8
-            _conv_block(32, 64),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),  # (N, 64)
-        )
-        return ProxyNet(body, 64, num_classes)
-    if name == "resnet18":
-        import timm
-
-        trunk = timm.create_model("resnet18", pretrained=False, num_classes=0)
-        return ProxyNet(trunk, trunk.num_features, num_classes)
-    raise UserInputError(f"unknown score.model {name!r}; expected cnn-small or resnet18")
-
-
-def to_input(images: np.ndarray) -> torch.Tensor:
-    """(N, S, S, 3) uint8 → (N, 3, S, S) float32 roughly centred: (x/255 − 0.5) / 0.25."""
-    x = torch.from_numpy(np.asarray(images).astype(np.float32)).permute(0, 3, 1, 2)  # a writable copy
-    return (x / 255.0 - 0.5) / 0.25
-
-
-def random_shift(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Translate each image by up to ±`pad` pixels (reflect padding): cheap augmentation, no flips
-    (a flipped digit is another digit)."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 2 * pad)
-    out = padded.gather(2, rows)  # (N, 3, H, W+2p)
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
-    return out.gather(3, cols)  # (N, 3, H, W)
-
-
-def rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Rotate image i of x (N, 3, S, S) by k[i] quarter turns."""
-    out = x.clone()
-    for quarter in range(1, ROTATIONS):
-        idx = (k == quarter).nonzero(as_tuple=True)[0]
-        if len(idx):
-            out[idx] = torch.rot90(x[idx], quarter, dims=(2, 3))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-
-@dataclass(frozen=True)
-class ProxySpec:
-    """What a proxy-training task needs from the config (small and picklable)."""
-
-    model: str
-    num_classes: int
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    augment: bool
-    task: str = "labels"  # labels | rotation (label-free)
-    threads: int = 1
-
-    @classmethod
-    def from_config(cls, config: ScoreConfig, num_classes: int, task: str = "labels") -> ProxySpec:
-        return cls(
-            model=config.model,
-            num_classes=ROTATIONS if task == "rotation" else num_classes,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            augment=config.augment,
-            task=task,
-            threads=max(1, math.floor(config.cpus_per_model)),
-        )
-
-
-@dataclass
-class ProxyResult:
-    seed: int
-    state: dict[str, torch.Tensor]  # the trained weights (CPU)
-    forgetting: np.ndarray  # (N,) forgetting events per example (NaN for the rotation task)
-    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
-
-
-def train_proxy(images: np.ndarray, labels: np.ndarray, spec: ProxySpec, seed: int) -> ProxyResult:
-    """Train one proxy for `spec.epochs` epochs (SGD, momentum 0.9, constant lr) and count forgetting.
-
-    images: (N, S, S, 3) uint8; labels: (N,) int64 in [0, C). Forgetting follows Toneva et al.: each time
-    an example is in a minibatch its (train-mode) correctness is recorded; a correct → incorrect step is one
-    event. Examples never predicted correctly get `epochs` events.
-    """
-    torch.set_num_threads(spec.threads)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = build_proxy(spec.model, spec.num_classes)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=spec.lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay
-    )
-    x_all = to_input(images)
-    y_all = torch.from_numpy(np.array(labels, dtype=np.int64))  # a writable copy
-    n = len(x_all)
-    last_correct = torch.zeros(n, dtype=torch.bool)
-    ever_correct = torch.zeros(n, dtype=torch.bool)
-    events = torch.zeros(n, dtype=torch.int64)
-    losses = []
-    model.train()
-    for _ in range(spec.epochs):
-        order = torch.randperm(n, generator=gen)
-        total, count = 0.0, 0
-        for start in range(0, n, spec.batch_size):
-            idx = order[start : start + spec.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            x = x_all[idx]
-            if spec.augment:
-                x = random_shift(x, gen)
-            if spec.task == "rotation":
-                y = torch.randint(0, ROTATIONS, (len(idx),), generator=gen)
-                x = rotate(x, y)
-            else:
-                y = y_all[idx]
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"proxy seed {seed}: non-finite loss {loss.item()}; lower score.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            correct = logits.detach().argmax(1) == y
-            events[idx] += (last_correct[idx] & ~correct).long()
-            last_correct[idx] = correct
-            ever_correct[idx] |= correct
-            total += loss.item() * len(idx)
-            count += len(idx)
-        losses.append(total / max(count, 1))
-    recompute_batchnorm(model, x_all, spec.batch_size)
-    forgetting = events.double().numpy()
-    forgetting[~ever_correct.numpy()] = spec.epochs
-    if spec.task == "rotation":
-        forgetting[:] = np.nan
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return ProxyResult(seed=seed, state=state, forgetting=forgetting, losses=losses)
-
-
-@torch.no_grad()
-def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """Set BatchNorm running statistics to the exact mean/var of the final weights' activations on `x`
-    (unaugmented). A few epochs at a high learning rate leave the running averages behind the weights,
-    and eval-mode scores (EL2N is computed in eval mode) would then describe a different network."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    model.train()
-    for start in range(0, len(x), batch_size):
-        chunk = x[start : start + batch_size]
-        if len(chunk) > 1:  # a 1×1 feature map of one image has no variance (BatchNorm raises)
-            model(chunk)
-    for m in norms:
-        m.momentum = 0.1
-    model.eval()
-
-
-def train_proxies(
-    images: np.ndarray,
-    labels: np.ndarray,
-    spec: ProxySpec,
-    seeds: list[int],
-    cpus_per_model: float = 1.0,
-    progress: Progress | None = None,
-) -> list[ProxyResult]:
-    """Train one proxy per seed as parallel Ray tasks; the pixels go to the object store once."""
-    images_ref, labels_ref = ray.put(images), ray.put(np.asarray(labels, dtype=np.int64))
-    task = ray.remote(num_cpus=cpus_per_model)(train_proxy)
-    pending = [task.remote(images_ref, labels_ref, spec, seed) for seed in seeds]
-    order = {ref: i for i, ref in enumerate(pending)}
-    results: list[ProxyResult | None] = [None] * len(pending)
-    remaining = list(pending)
-    while remaining:
-        done, remaining = ray.wait(remaining, num_returns=1)
-        results[order[done[0]]] = ray.get(done[0])
-        if progress:
-            progress("proxies", len(seeds) - len(remaining), len(seeds))
-    out = [r for r in results if r is not None]
-    for r in out:
-        log.info("proxy seed %d: loss %.3f → %.3f", r.seed, r.losses[0], r.losses[-1])
-    return out
+# The score columns every scoring run fills (NaN where its method computes none), in manifest order.
+SCORE_COLUMNS = ("el2n", "el2n_std", "grand", "forgetting", "prototype")
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -314,47 +89,69 @@ def grand_full(model: ProxyNet, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     return sq.sqrt().numpy()
 
 
-class ScoreModels:
-    """`map_batches` callable (one per actor): loads the K proxies once, scores rows by index.
+# ---------------------------------------------------------------------------------------------- map stage
 
-    Input batch: `row` (int64 indices into the shared arrays). Output: `row`, `el2n`, `el2n_std`,
-    `grand` (with labels), and `embedding` (N, K·D): the L2-normalised features of each proxy, concatenated.
-    The images and labels arrive as object-store references, read zero-copy once per actor.
+
+class ScoreModels(Stage):
+    """Map stage: the K proxies' scores for rows given by index.
+
+    Input column: `row` (int64 indices into the images and labels the stage holds). Output columns: `row`;
+    `el2n`, `el2n_std`, `grand` when it has labels; `embedding` (N, K·D), the L2-normalised features of each
+    proxy concatenated, when `embed`. The images and labels arrive as object-store references, read
+    zero-copy once per task or actor (`setup`); each call scores `batch_size` rows at a time (all at once
+    when None).
     """
+
+    name = "score-rows"
+    inputs = ("row",)
+    passthrough = False
 
     def __init__(
         self,
-        states: list[dict[str, torch.Tensor]],
+        states: list[dict[str, torch.Tensor]] | ray.ObjectRef,
         spec: ProxySpec,
-        images: np.ndarray,
-        labels: np.ndarray | None,
+        images: np.ndarray | ray.ObjectRef,
+        labels: np.ndarray | ray.ObjectRef | None,
         grand: str = "last-layer",
         embed: bool = False,
         threads: int = 1,
+        batch_size: int | None = None,
+        resources: Resources = Resources(),
     ) -> None:
-        torch.set_num_threads(threads)
-        # Ray Data passes constructor arguments as given: resolve object-store references once per actor
+        self.states, self.spec, self.images, self.labels = states, spec, images, labels
+        self.grand, self.embed, self.threads, self.batch_size = grand, embed, threads, batch_size
+        self.resources = resources
+        labeled = ("el2n", "el2n_std", "grand") if labels is not None else ()
+        self.outputs = ("row", *labeled, *(("embedding",) if embed else ()))
+        self.models: list[ProxyNet] = []
+
+    def setup(self) -> None:
+        # Ray Data passes the stage as built: resolve object-store references once per task or actor
         # (numpy arrays come back zero-copy from shared memory).
-        states, images, labels = (
-            ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in (states, images, labels)
+        self.states, self.images, self.labels = (
+            ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in (self.states, self.images, self.labels)
         )
         self.models = []
-        for state in states:
-            model = build_proxy(spec.model, spec.num_classes)
+        for state in self.states:
+            model = build_proxy(self.spec.model, self.spec.num_classes)
             model.load_state_dict(state)
             self.models.append(model.eval())
-        self.images, self.labels = images, labels
-        self.grand, self.embed = grand, embed
+
+    def process(self, batch: Batch) -> Batch:
+        torch.set_num_threads(self.threads)
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        step = self.batch_size or max(len(rows), 1)
+        parts = [self._score(rows[i : i + step]) for i in range(0, max(len(rows), 1), step)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     @torch.inference_mode()
     def _forward(self, model: ProxyNet, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         h = model.features(x)
         return F.softmax(model.head(h), dim=1).numpy(), h.numpy()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = np.asarray(batch["row"], dtype=np.int64)
+    def _score(self, rows: np.ndarray) -> Batch:
         x = to_input(self.images[rows])
-        out: dict[str, np.ndarray] = {"row": rows}
+        out: Batch = {"row": rows}
         per_el2n, per_grand, embeddings = [], [], []
         for model in self.models:
             probs, h = self._forward(model, x)
@@ -375,20 +172,6 @@ class ScoreModels:
         if embeddings:
             out["embedding"] = np.concatenate(embeddings, axis=1).astype(np.float32)
         return out
-
-
-def score_batch(batch: dict[str, np.ndarray], batch_size: int, **models: Any) -> dict[str, np.ndarray]:
-    """`map_batches` function for `score.compute=tasks`: one block of rows, scored `batch_size` at a time
-    by `ScoreModels(**models)` built once for the block.
-
-    Building the K small proxies takes milliseconds, while an actor pool starts a fresh process per actor
-    on every run (torch's import and the models: seconds, measured about 6–10 s on 2 CPUs); tasks run on
-    Ray's already-started workers, warm from proxy training.
-    """
-    scorer = ScoreModels(**models)
-    rows = np.asarray(batch["row"], dtype=np.int64)
-    parts = [scorer({"row": rows[i : i + batch_size]}) for i in range(0, len(rows), batch_size)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def scoring_actors(config: ScoreConfig, rows: int) -> int:
@@ -420,8 +203,12 @@ def score_rows(
     embed: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
-    """Score `rows` (indices into images/labels) with the K proxies, as Ray Data tasks or an actor pool
-    (`score.compute`). Returns columns keyed as in `ScoreModels`, in `rows` order.
+    """Score `rows` (indices into images/labels) with the K proxies: `ScoreModels` over Ray Data, as tasks
+    or an actor pool (`score.compute`). Returns its columns, in `rows` order.
+
+    Tasks, the default: building the K small proxies takes milliseconds, while an actor pool starts a fresh
+    process per actor on every run (torch's import and the models: seconds, measured about 6–10 s on
+    2 CPUs); tasks run on Ray's already-started workers, warm from proxy training.
     """
     if len(rows) == 0:
         return {"row": np.zeros(0, dtype=np.int64)}
@@ -432,27 +219,22 @@ def score_rows(
     step = rows_per_block(config, len(rows))
     ds = ray.data.from_numpy([rows[i : i + step] for i in range(0, len(rows), step)])
     ds = ds.rename_columns({"data": "row"})
-    # Ray Data's per-operator reservation held the scoring tasks to one at a time for the first second
-    # on 2 CPUs (measured); with one operator there is nothing to reserve against.
-    ds.context.op_resource_reservation_enabled = False
-    models = {
-        "states": ray.put(states),
-        "spec": spec,
-        "images": ray.put(images),
-        "labels": None if labels is None else ray.put(np.asarray(labels, dtype=np.int64)),
-        "grand": config.grand,
-        "embed": embed,
-    }
-    common: dict[str, Any] = {"batch_size": None, "batch_format": "numpy", "num_cpus": 1}
-    if config.compute == "actors":
-        pool = ray.data.ActorPoolStrategy(size=scoring_actors(config, len(rows)))
-        scored = ds.map_batches(ScoreModels, fn_constructor_kwargs=models, compute=pool, **common)
-    else:
-        models["batch_size"] = config.score_batch_size
-        scored = ds.map_batches(score_batch, fn_kwargs=models, **common)
+    # On a small cluster Ray Data's per-operator reservation held the scoring tasks to one at a time for the
+    # first second (2 CPUs, measured); `runtime.configure_data_context`'s size profile turns it off there.
+    actors = scoring_actors(config, len(rows)) if config.compute == "actors" else None
+    stage = ScoreModels(
+        states=ray.put(states),
+        spec=spec,
+        images=ray.put(images),
+        labels=None if labels is None else ray.put(np.asarray(labels, dtype=np.int64)),
+        grand=config.grand,
+        embed=embed,
+        batch_size=config.score_batch_size,
+        resources=Resources(cpus=1, actors=actors),
+    )
     parts: list[dict[str, np.ndarray]] = []
     done = 0
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in map_batches(ds, stage, batch_size=None).iter_batches(batch_size=None, batch_format="numpy"):
         parts.append(batch)
         done += len(batch["row"])
         if progress:
@@ -463,151 +245,355 @@ def score_rows(
     return {k: v[order] for k, v in merged.items()}
 
 
+# ---------------------------------------------------------------------------------------------- proxies
+
+
+def train_proxies(
+    images: np.ndarray,
+    labels: np.ndarray,
+    spec: ProxySpec,
+    seeds: list[int],
+    cpus_per_model: float = 1.0,
+    progress: Progress | None = None,
+) -> list[ProxyResult]:
+    """Train one proxy per seed as parallel Ray tasks; the pixels go to the object store once."""
+    images_ref, labels_ref = ray.put(images), ray.put(np.asarray(labels, dtype=np.int64))
+    task = ray.remote(num_cpus=cpus_per_model)(train_proxy)
+    pending = [task.remote(images_ref, labels_ref, spec, seed) for seed in seeds]
+    order = {ref: i for i, ref in enumerate(pending)}
+    results: list[ProxyResult | None] = [None] * len(pending)
+    remaining = list(pending)
+    while remaining:
+        done, remaining = ray.wait(remaining, num_returns=1)
+        results[order[done[0]]] = ray.get(done[0])
+        if progress:
+            progress("proxies", len(seeds) - len(remaining), len(seeds))
+    out = [r for r in results if r is not None]
+    for r in out:
+        log.info("proxy seed %d: loss %.3f → %.3f", r.seed, r.losses[0], r.losses[-1])
+    return out
+
+
+@dataclass(frozen=True)
+class ScoringInputs:
+    """What every scoring step reads."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,) int64, −1 where unlabeled
+    spec: ProxySpec  # the proxies' model, task and training settings
+    config: ScoreConfig
+    storage_options: dict[str, Any]  # for `score.encoder`
+    progress: Progress | None = None
+
+
+@dataclass
+class Proxies:
+    """The K proxies that score this run's new images: trained now, or taken from the score cache."""
+
+    states: list[dict[str, torch.Tensor]]
+    forgetting: np.ndarray  # (N,) mean forgetting events per image; NaN unless trained on labels this run
+    losses: list[list[float]]  # per proxy trained this run: mean loss per epoch
+    centroids: np.ndarray | None = None  # (k, D) prototypes of the prototype score, cached with the proxies
+
+    def models(self) -> dict[str, Any]:
+        """What the score cache keeps (`ScoreCache.save_models`)."""
+        return {"states": self.states, "centroids": self.centroids}
+
+
+def obtain_proxies(inputs: ScoringInputs, cached: dict[str, Any] | None, needed: bool) -> Proxies:
+    """The cached proxies when the scoring key has them (so old and new images are scored by the same
+    models), else K new ones trained on every image (forgetting needs each image's whole training history),
+    or none when the scorer needs none."""
+    no_forgetting = np.full(len(inputs.images), np.nan)
+    if cached is not None:
+        if needed:
+            log.info("reusing %d cached proxies; new images get no forgetting count", len(cached["states"]))
+        return Proxies(cached["states"], no_forgetting, [], cached["centroids"])
+    if not needed:
+        return Proxies([], no_forgetting, [])
+    sc = inputs.config
+    seeds = [sc.seed + k for k in range(sc.num_models)]
+    results = train_proxies(
+        inputs.images, inputs.labels, inputs.spec, seeds, sc.cpus_per_model, inputs.progress
+    )
+    forgetting = np.mean([r.forgetting for r in results], axis=0)
+    return Proxies([r.state for r in results], forgetting, [r.losses for r in results])
+
+
+# ---------------------------------------------------------------------------------------------- scorers
+
+Columns = dict[str, np.ndarray]  # SCORE_COLUMNS → (M,) float, one entry per scored row
+
+
+@contextmanager
+def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Record the wall time of the `with` block as `seconds[phase]`."""
+    start = time.perf_counter()
+    yield
+    seconds[phase] = time.perf_counter() - start
+
+
+def labeled_columns(
+    inputs: ScoringInputs, rows: np.ndarray, proxies: Proxies, seconds: dict[str, float]
+) -> Columns:
+    """EL2N, its std and GraNd from the proxies' predictions on `rows`; forgetting from their training."""
+    with timed(seconds, "score"):
+        cols = score_rows(
+            rows,
+            inputs.images,
+            inputs.labels,
+            proxies.states,
+            inputs.spec,
+            inputs.config,
+            progress=inputs.progress,
+        )
+    return {
+        "el2n": cols["el2n"],
+        "el2n_std": cols["el2n_std"],
+        "grand": cols["grand"],
+        "forgetting": proxies.forgetting[rows],
+        "prototype": np.full(len(rows), np.nan),
+    }
+
+
+def prototype_columns(
+    inputs: ScoringInputs, rows: np.ndarray, proxies: Proxies, seconds: dict[str, float]
+) -> Columns:
+    """Label-free: each row's distance to its nearest k-means prototype, over the embeddings of a maskdiet
+    encoder (`score.encoder`) or else of the rotation proxies. Prototypes from the cache are reused (new
+    images are measured against the old prototypes); new ones are stored in `proxies.centroids`, which the
+    cache keeps with the proxies."""
+    sc = inputs.config
+    with timed(seconds, "score"):
+        cols = (
+            score_rows(rows, inputs.images, None, proxies.states, inputs.spec, sc, True, inputs.progress)
+            if sc.encoder is None
+            else {}
+        )
+    with timed(seconds, "prototype"):
+        if sc.encoder is not None:
+            embedding = encoder_embeddings(sc.encoder, inputs.images[rows], inputs.storage_options)
+        else:
+            embedding = cols["embedding"]
+        distances, proxies.centroids = prototype_scores(
+            embedding, sc.num_clusters, sc.seed, proxies.centroids
+        )
+    unscored = np.full(len(rows), np.nan)
+    return {
+        "el2n": unscored,
+        "el2n_std": unscored,
+        "grand": unscored,
+        "forgetting": unscored,
+        "prototype": distances,
+    }
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """How one `score.method` scores."""
+
+    column: str  # the column that becomes `score`
+    task: str  # what the proxies learn: "labels" (the given classes) or "rotation" (label-free)
+    needs_labels: bool
+    needs_proxies: Callable[[ScoreConfig], bool]  # False: the scores come from elsewhere (an encoder)
+    columns: Callable[[ScoringInputs, np.ndarray, Proxies, dict[str, float]], Columns]
+
+
+def _labeled(column: str) -> Scorer:
+    return Scorer(column, "labels", needs_labels=True, needs_proxies=lambda sc: True, columns=labeled_columns)
+
+
+SCORERS: dict[str, Scorer] = {
+    "el2n": _labeled("el2n"),
+    "grand": _labeled("grand"),
+    "forgetting": _labeled("forgetting"),
+    "prototype": Scorer(
+        "prototype",
+        "rotation",
+        needs_labels=False,
+        needs_proxies=lambda sc: sc.encoder is None,  # with an encoder no proxy is trained
+        columns=prototype_columns,
+    ),
+}
+
+
+def scorer_for(method: str) -> Scorer:
+    """The scorer `score.method` names. `none` has none: a run that scores nothing composes no score stage."""
+    if method == "none":
+        raise ValueError("score.method=none scores nothing: compose `Unscored` instead of a score stage")
+    if method not in SCORERS:
+        raise UserInputError(f"unknown score.method {method!r}; expected one of {', '.join(SCORERS)} or none")
+    return SCORERS[method]
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def cache_url(config: Config) -> str:
+    """`score.cache_url`, else <output>/score_cache."""
+    return config.score.cache_url or join(config.output, "score_cache")
+
+
+def open_cache(config: Config, classes: list[str], task: str) -> ScoreCache | None:
+    """The cache of this scoring key (None with `score.cache=false`)."""
+    if not config.score.cache:
+        return None
+    return ScoreCache(cache_url(config), scoring_key(config, classes, task), config.data.storage_options)
+
+
+@dataclass(frozen=True)
+class CacheSplit:
+    """This run's rows split into those the score cache already has (hits) and the rest (misses)."""
+
+    hits: pd.DataFrame  # cached rows (sha256, label, score columns) matching this run's pairs
+    hit_mask: np.ndarray  # (N,) bool: row i is a hit
+
+    @property
+    def misses(self) -> np.ndarray:
+        """Row indices to score this run."""
+        return np.flatnonzero(~self.hit_mask)
+
+
+def split_by_cache(cache: ScoreCache | None, sha256: pd.Series, labels: np.ndarray) -> CacheSplit:
+    """Match rows on (sha256, label): the same bytes under two labels are two examples."""
+    hits = cache.lookup(sha256, labels) if cache else pd.DataFrame()
+    if not len(hits):
+        return CacheSplit(hits, np.zeros(len(labels), dtype=bool))
+    pairs = set(zip(hits["sha256"], hits["label"].astype(np.int64), strict=True))
+    hit_mask = np.asarray([(s, int(y)) in pairs for s, y in zip(sha256, labels, strict=True)], dtype=bool)
+    return CacheSplit(hits, hit_mask)
+
+
+def merge_scores(sha256_label: pd.DataFrame, split: CacheSplit, new: pd.DataFrame | None) -> pd.DataFrame:
+    """SCORE_COLUMNS for every row (index 0..N−1): cached values for hits, this run's `new` (indexed by the
+    miss rows) for misses."""
+    out = pd.DataFrame({name: np.full(len(sha256_label), np.nan) for name in SCORE_COLUMNS})
+    hit = split.hit_mask
+    if len(split.hits):
+        found = sha256_label.merge(
+            split.hits.drop_duplicates(["sha256", "label"], keep="last"), on=["sha256", "label"], how="left"
+        )
+        for name in SCORE_COLUMNS:
+            out.loc[hit, name] = found.loc[hit, name].to_numpy()
+    if new is not None:
+        for name in SCORE_COLUMNS:
+            out.loc[split.misses, name] = new[name].to_numpy(dtype=np.float64)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- compose
 
 
 @dataclass
 class ScoreOutcome:
-    """The decoded frame with score columns (higher = harder), and how much work the cache saved."""
+    """The score columns, one row per input row in its order (higher = harder; NaN = not computed), and
+    how much work the cache saved."""
 
-    frame: (
-        pd.DataFrame
-    )  # decoded columns + el2n, el2n_std, grand, forgetting, prototype, duplicate_group, score
+    columns: pd.DataFrame  # SCORE_COLUMNS + `score`, the column `score.method` names
     scored: int  # examples scored this run (cache misses)
     cached: int  # examples whose scores came from the cache
     seconds: dict[str, float] = field(default_factory=dict)  # a timer per phase
     losses: list[list[float]] = field(default_factory=list)  # per proxy trained this run: loss per epoch
 
 
-def score_decoded(decoded: Any, config: Config, progress: Progress | None = None) -> ScoreOutcome:
-    """Score every decoded image per `config.score`; reuse cached scores and proxies where the key matches.
+def score_misses(
+    scorer: Scorer,
+    inputs: ScoringInputs,
+    misses: np.ndarray,
+    cached_models: dict[str, Any] | None,
+    seconds: dict[str, float],
+) -> tuple[pd.DataFrame, Proxies]:
+    """The rows `misses` scored: their SCORE_COLUMNS (indexed by row), and the proxies that scored them."""
+    with timed(seconds, "train"):
+        proxies = obtain_proxies(inputs, cached_models, scorer.needs_proxies(inputs.config))
+    return pd.DataFrame(scorer.columns(inputs, misses, proxies, seconds), index=misses), proxies
 
-    `decoded` is a `pipeline.curate.Decoded` (frame in image order, images N×S×S×3 uint8). The returned
-    frame has `score` set to the column named by `score.method`.
-    """
-    from stages.embed import near_duplicate_groups, prototype_scores
-    from stages.score_cache import ScoreCache, scoring_key
 
-    sc = config.score
-    method = sc.method
-    if method == "none":
-        raise ValueError("score_decoded called with score.method=none")
-    if decoded.images is None:
-        raise ValueError("scoring needs the decoded pixels (decode with keep_images=True)")
-    frame = decoded.frame.reset_index(drop=True).copy()
-    images: np.ndarray = decoded.images
-    labels = frame["label"].to_numpy(dtype=np.int64)
-    label_free = method == "prototype"
-    num_classes = max(len(decoded.classes), int(labels.max()) + 1 if len(labels) else 1)
-    if not label_free and (labels < 0).any():
+def require_labels(labels: np.ndarray, method: str) -> None:
+    unlabeled = int((labels < 0).sum())
+    if unlabeled:
         raise UserInputError(
-            f"score.method={method} needs labels, but {int((labels < 0).sum())} image(s) have none "
+            f"score.method={method} needs labels, but {unlabeled} image(s) have none "
             "(files directly under the root); use --score prototype for unlabeled data"
         )
+
+
+def score_images(
+    frame: pd.DataFrame,
+    images: np.ndarray,
+    classes: list[str],
+    config: Config,
+    progress: Progress | None = None,
+) -> ScoreOutcome:
+    """Score every image per `config.score`; reuse cached scores and proxies where the scoring key matches.
+
+    frame: `sha256` and `label` per image, row i ↔ images[i] ((N, S, S, 3) uint8). Only cache misses are
+    scored; the new scores (and the proxies) go back into the cache.
+    """
+    sc = config.score
+    scorer = scorer_for(sc.method)
+    keys = frame[["sha256", "label"]].reset_index(drop=True)
+    labels = keys["label"].to_numpy(dtype=np.int64)
+    if scorer.needs_labels:
+        require_labels(labels, sc.method)
+    num_classes = max(len(classes), int(labels.max()) + 1 if len(labels) else 1)
+    spec = ProxySpec.from_config(sc, num_classes, scorer.task)
+    cache = open_cache(config, classes, scorer.task)
+
     seconds: dict[str, float] = {}
-    task = "rotation" if label_free else "labels"
-    spec = ProxySpec.from_config(sc, num_classes, task)
-    key = scoring_key(config, decoded.classes, task)
-    cache_url = sc.cache_url or _join(config.output, "score_cache")
-    cache = ScoreCache(cache_url, key, config.data.storage_options) if sc.cache else None
+    with timed(seconds, "cache_lookup"):
+        split = split_by_cache(cache, keys["sha256"], labels)
+    misses = split.misses
+    log.info("score cache %s: %d hits, %d misses", cache_url(config), int(split.hit_mask.sum()), len(misses))
 
-    start = time.perf_counter()
-    hits = cache.lookup(frame["sha256"], labels) if cache else pd.DataFrame()
-    if len(hits):
-        pairs = set(zip(hits["sha256"], hits["label"].astype(np.int64), strict=True))
-        hit_mask = pd.Series([(s, int(y)) in pairs for s, y in zip(frame["sha256"], labels, strict=True)])
-    else:
-        hit_mask = pd.Series(False, index=frame.index)
-    miss_rows = np.flatnonzero(~hit_mask.to_numpy())
-    seconds["cache_lookup"] = time.perf_counter() - start
-    log.info("score cache %s: %d hits, %d misses", cache_url, int(hit_mask.sum()), len(miss_rows))
-
-    new = pd.DataFrame(index=miss_rows)
+    new: pd.DataFrame | None = None
     losses: list[list[float]] = []
-    # Label-free with an encoder: the prototype distances need no proxies (no rotation EL2N columns then).
-    proxies = not (label_free and sc.encoder is not None)
-    if len(miss_rows):
-        models = cache.load_models() if cache else None
-        start = time.perf_counter()
-        if not proxies:
-            models = models or {"states": [], "centroids": None}
-            states, forgetting = [], np.full(len(frame), np.nan)
-        elif models is None:
-            seeds = [sc.seed + k for k in range(sc.num_models)]
-            results = train_proxies(images, labels, spec, seeds, sc.cpus_per_model, progress)
-            states = [r.state for r in results]
-            forgetting = np.mean([r.forgetting for r in results], axis=0)
-            losses = [r.losses for r in results]
-            models = {"states": states, "centroids": None}
-        else:
-            log.info("reusing %d cached proxies; new images get no forgetting count", len(models["states"]))
-            states = models["states"]
-            forgetting = np.full(len(frame), np.nan)
-        seconds["train"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        cols = (
-            score_rows(
-                miss_rows,
-                images,
-                None if label_free else labels,
-                states,
-                spec,
-                sc,
-                embed=label_free and sc.encoder is None,
-                progress=progress,
-            )
-            if proxies
-            else {}
-        )
-        seconds["score"] = time.perf_counter() - start
-        for name in ("el2n", "el2n_std", "grand"):
-            new[name] = cols.get(name, np.full(len(miss_rows), np.nan))
-        new["forgetting"] = np.nan if label_free else forgetting[miss_rows]
-        new["prototype"] = np.nan
-        if label_free:
-            start = time.perf_counter()
-            if sc.encoder is not None:
-                from stages.embed import encoder_embeddings
-
-                embedding = encoder_embeddings(sc.encoder, images[miss_rows], config.data.storage_options)
-            else:
-                embedding = cols["embedding"]
-            distances, centroids = prototype_scores(embedding, sc.num_clusters, sc.seed, models["centroids"])
-            models["centroids"] = centroids
-            new["prototype"] = distances
-            seconds["prototype"] = time.perf_counter() - start
-        if cache:
-            new_rows = new.assign(sha256=frame["sha256"].to_numpy()[miss_rows], label=labels[miss_rows])
-            cache.store(new_rows, models)
-
-    columns = ["el2n", "el2n_std", "grand", "forgetting", "prototype"]
-    for name in columns:
-        frame[name] = np.nan
-    if len(hits):  # match on (sha256, label): the same bytes under two labels are two examples
-        found = frame[["sha256", "label"]].merge(
-            hits.drop_duplicates(["sha256", "label"], keep="last"), on=["sha256", "label"], how="left"
-        )
-        for name in columns:
-            frame.loc[hit_mask.to_numpy(), name] = found.loc[hit_mask.to_numpy(), name].to_numpy()
-    for name in columns:
-        if name in new:
-            frame.loc[miss_rows, name] = new[name].to_numpy(dtype=np.float64)
-
-    start = time.perf_counter()
-    frame["duplicate_group"] = near_duplicate_groups(images, sc.duplicate_threshold)
-    seconds["duplicates"] = time.perf_counter() - start
-    frame["score"] = frame[method].astype(np.float64)
+    if len(misses):
+        inputs = ScoringInputs(images, labels, spec, sc, config.data.storage_options, progress)
+        cached_models = cache.load_models() if cache else None
+        new, proxies = score_misses(scorer, inputs, misses, cached_models, seconds)
+        losses = proxies.losses
+        if cache:  # the proxies too: the next run's new images are scored by the same models
+            rows = new.assign(sha256=keys["sha256"].to_numpy()[misses], label=labels[misses])
+            cache.store(rows, proxies.models())
+    columns = merge_scores(keys, split, new)
+    columns["score"] = columns[scorer.column].astype(np.float64)
     return ScoreOutcome(
-        frame=frame,
-        scored=len(miss_rows),
-        cached=int(hit_mask.sum()),
-        seconds=seconds,
-        losses=losses,
+        columns, scored=len(misses), cached=int(split.hit_mask.sum()), seconds=seconds, losses=losses
     )
 
 
-def _join(url: str, name: str) -> str:
-    from pipeline.core.storage import join
+class ScoreStage(Stage):
+    """All-to-all: a difficulty score for every image, per `score.method` (higher = harder).
 
-    return join(url, name)
+    Global by nature: the K proxies train on every image before any image can be scored, and the prototype
+    score clusters every embedding. The per-row part inside it runs in parallel as the map stage
+    `ScoreModels` (see `score_rows`). After a call, `outcome` says what it cost (rows scored and found in the
+    cache, seconds per phase, proxy losses).
+    """
+
+    name = "score"
+    kind = ALL_TO_ALL
+    inputs = ("sha256", "label", "image")
+    outputs = (*SCORE_COLUMNS, "score")
+
+    def __init__(self, config: Config, classes: list[str], progress: Progress | None = None) -> None:
+        scorer_for(config.score.method)  # an unknown method fails when the chain is built
+        self.config, self.classes, self.progress = config, classes, progress
+        self.outcome: ScoreOutcome | None = None
+
+    def process(self, batch: Batch) -> Batch:
+        frame = pd.DataFrame({"sha256": batch["sha256"], "label": batch["label"]})
+        self.outcome = score_images(frame, batch["image"], self.classes, self.config, self.progress)
+        return {**batch, **{name: self.outcome.columns[name].to_numpy() for name in self.outputs}}
+
+
+class Unscored(Stage):
+    """Map: `score` = NaN (null in the manifest) on every row, for `score.method=none`."""
+
+    name = "unscored"
+    inputs = ("path",)
+    outputs = ("score",)
+
+    def process(self, batch: Batch) -> Batch:
+        return {**batch, "score": np.full(len(batch["path"]), np.nan)}

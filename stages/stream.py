@@ -40,6 +40,7 @@ from PIL import Image
 
 from pipeline.core.config import Config
 from pipeline.core.errors import UserInputError
+from stages.base import Batch, Stage
 from stages.decode import BadImage, DecodeOptions, DecodeStage, decode_image
 from stages.manifest import read_table
 from stages.read import ImageListing, ReadBytes, read_images
@@ -118,13 +119,14 @@ def random_resized_crop(
     return np.ascontiguousarray(array)
 
 
-class AugmentStage:
-    """Ray Data `map_batches` callable: keeps decodable rows, applies random resized crop + flip (or only
-    resizes when `augment` is off), and returns just the tensor columns `image`, `label`."""
+class AugmentStage(Stage):
+    """Map stage: keeps decodable rows, applies random resized crop + flip (or only resizes when `augment`
+    is off), and returns just the tensor columns `image`, `label`."""
 
     name = "augment"
-    requires = ("path", "image", "ok", "label")
-    produces = ("image", "label")
+    inputs = ("path", "image", "ok", "label")
+    outputs = ("image", "label")
+    passthrough = False
 
     def __init__(
         self, size: int, seed: int, augment: bool = True, scale_min: float = 0.2, flip_p: float = 0.5
@@ -135,7 +137,7 @@ class AugmentStage:
         self.scale_min = scale_min
         self.flip_p = flip_p
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    def process(self, batch: Batch) -> Batch:
         ok = np.asarray(batch["ok"], dtype=bool)
         paths = [str(p) for p, good in zip(batch["path"], ok, strict=True) if good]
         images = np.asarray(batch["image"])[ok]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.demo_data import BAD_KINDS, bad_file
-from stages.decode import BadImage, DecodeOptions, DecodeStage, decode_image
+from stages.decode import BadImage, DecodeOptions, DecodeStage, GatherDecoded, decode_image
 
 OPTIONS = DecodeOptions(image_size=16)
 
@@ -130,7 +130,7 @@ def test_stage_keeps_going_past_bad_rows() -> None:
     assert out["sha256"][0] == out["sha256"][2] != out["sha256"][1]
     unhashed = DecodeStage(OPTIONS, hash_bytes=False)(batch)  # the training stream's decode
     assert "sha256" not in unhashed and unhashed["ok"].tolist() == out["ok"].tolist()
-    assert set(DecodeStage(OPTIONS, hash_bytes=False).produces) == set(DecodeStage.produces) - {"sha256"}
+    assert set(DecodeStage(OPTIONS, hash_bytes=False).outputs) == set(DecodeStage.outputs) - {"sha256"}
     assert np.array_equal(unhashed["image"], out["image"])
 
 
@@ -152,3 +152,28 @@ def test_any_decoder_exception_is_a_quarantine_reason(where: str, monkeypatch: p
     out = DecodeStage(DecodeOptions(image_size=8))(batch)
     assert out["ok"].tolist() == [False] and out["reason"][0] in ("corrupt", "truncated")
     assert "struct" in out["error"][0] or "unpack" in out["error"][0]
+
+
+def test_gather_keeps_the_good_rows_sorted_by_path_and_quarantines_the_rest() -> None:
+    """Ray Data hands decoded blocks back in any order; gather fixes the order (proxy training depends on
+    it) and splits off the rows that did not decode."""
+    batch = {
+        "path": np.asarray(["c.png", "a.png", "b.png", "d.png"], dtype=object),
+        "sha256": np.asarray(["3", "1", "2", "4"], dtype=object),
+        "label": np.asarray([2, 0, 1, 3]),
+        "class_name": np.asarray(["c", "a", "b", "d"], dtype=object),
+        "image": np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8),
+        "ok": np.asarray([True, True, False, True]),
+        "reason": np.asarray(["ok", "ok", "empty", "ok"], dtype=object),
+        "error": np.asarray(["", "", "zero-byte object", ""], dtype=object),
+    }
+    gather = GatherDecoded(keep_images=True)
+    good = gather(batch)
+    assert list(good) == ["path", "sha256", "label", "class_name", "image"]
+    assert good["path"].tolist() == ["a.png", "c.png", "d.png"] and good["label"].tolist() == [0, 2, 3]
+    assert good["image"][:, 0, 0, 0].tolist() == [1, 0, 3]  # the pixels follow their rows
+    quarantine = gather.quarantine(batch)
+    assert quarantine.to_dict("records") == [
+        {"path": "b.png", "sha256": "2", "reason": "empty", "error": "zero-byte object"}
+    ]
+    assert "image" not in GatherDecoded(keep_images=False)(batch)

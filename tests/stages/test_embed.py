@@ -15,13 +15,22 @@ from sklearn.metrics import roc_auc_score
 from pipeline.core.config import load_config
 from pipeline.curate import Decoded
 from pipeline.demo_data import DemoSpec, write_demo_data
-from stages.embed import near_duplicate_groups, prototype_scores
-from stages.score import score_decoded
+from stages.base import check_chain
+from stages.embed import DuplicateGroups, near_duplicate_groups, prototype_scores
+from stages.score import ScoreOutcome, ScoreStage, score_images
 
 
 def load_folder(root: Path) -> np.ndarray:
     paths = sorted(p for p in root.rglob("*") if p.suffix in (".png", ".jpg"))
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+def score_unlabeled(decoded: Decoded, overrides: list[str]) -> tuple[pd.DataFrame, ScoreOutcome]:
+    """Run the score stage over `decoded` as curation does: (its rows without pixels, its outcome)."""
+    stage = ScoreStage(load_config(None, overrides), decoded.classes)
+    batch = stage(decoded.batch())
+    assert stage.outcome is not None
+    return pd.DataFrame({k: v for k, v in batch.items() if k != "image"}), stage.outcome
 
 
 def unlabeled(images: np.ndarray) -> Decoded:
@@ -74,25 +83,22 @@ def test_label_free_prototype_scores_flag_foreign_images(ray_cluster: None, tmp_
     images = np.concatenate([digits, shapes])
     foreign = np.r_[np.zeros(len(digits), bool), np.ones(len(shapes), bool)]
     decoded = unlabeled(images)
-    config = load_config(
-        None,
-        [
-            "score.method=prototype",
-            "score.num_models=2",
-            "score.epochs=6",
-            "score.num_clusters=4",
-            "score.cache=false",
-            f"output={tmp_path / 'out'}",
-        ],
-    )
-    outcome = score_decoded(decoded, config)
-    out = outcome.frame
+    overrides = [
+        "score.method=prototype",
+        "score.num_models=2",
+        "score.epochs=6",
+        "score.num_clusters=4",
+        "score.cache=false",
+        f"output={tmp_path / 'out'}",
+    ]
+    out, _ = score_unlabeled(decoded, overrides)
     assert out["el2n"].isna().all() and (out["score"] == out["prototype"]).all()
     auroc = roc_auc_score(foreign, out["prototype"])
     print(f"foreign-image AUROC of the label-free prototype score: {auroc:.3f}")
     assert auroc >= 0.8
+    labeled = load_config(None, ["score.method=el2n", "score.cache=false"])
     with pytest.raises(ValueError, match="needs labels"):
-        score_decoded(decoded, load_config(None, ["score.method=el2n", "score.cache=false"]))
+        score_images(decoded.frame, decoded.images, decoded.classes, labeled)
 
 
 def test_prototype_embeddings_from_a_maskdiet_encoder(tmp_path: Path) -> None:
@@ -130,7 +136,18 @@ def test_prototype_scores_with_an_encoder_train_no_proxies(tmp_path: Path) -> No
         "score.num_clusters=3",
         "score.cache=false",
     ]
-    outcome = score_decoded(decoded, load_config(None, overrides))
+    out, outcome = score_unlabeled(decoded, overrides)
     assert outcome.losses == [] and outcome.scored == len(images)
-    out = outcome.frame
     assert np.isfinite(out["prototype"]).all() and (out["score"] == out["prototype"]).all()
+
+
+def test_duplicate_stage_adds_the_groups() -> None:
+    """All-to-all (every image is compared with every other); needs the pixels, keeps the other columns."""
+    stage = DuplicateGroups(threshold=0.98)
+    assert stage.kind == "all-to-all"
+    assert check_chain([stage], ("path", "image")) == {"path", "image", "duplicate_group"}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    images[3] = images[1]
+    out = stage({"path": np.asarray(list("abcd"), dtype=object), "image": images})
+    assert out["duplicate_group"].tolist() == [0, 1, 2, 1] and out["path"].tolist() == list("abcd")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.core.config import PruneConfig
-from stages.prune import balanced_quotas, prune
+from stages import prune as prune_module
+from stages.base import StageChainError, check_chain
+from stages.prune import PruneStage, balanced_quotas, prune
 
 POLICIES = ("keep-hard", "offset", "keep-easy", "class-balanced", "stratified", "random")
 
@@ -131,3 +135,34 @@ def test_missing_scores_count_as_median_and_no_scores_is_an_error() -> None:
     with pytest.raises(ValueError, match="needs a `score` column"):
         prune(frame, PruneConfig(policy="offset"))
     assert prune(frame, PruneConfig(policy="random", keep=0.5))["kept"].sum() == 5
+
+
+def test_every_policy_has_an_entry() -> None:
+    """`prune.policy` picks a policy by name: each choice the config allows has one."""
+    policies = prune_module.POLICIES
+    assert set(policies) == set(typing.get_args(PruneConfig.model_fields["policy"].annotation))
+    assert [name for name, p in policies.items() if not p.needs_score] == ["random", "none"]
+
+
+def test_prune_stage_is_prune_over_every_row() -> None:
+    """The stage gives what `prune` gives on the same rows, and passes the other columns on."""
+    frame = scored_frame()
+    frame["duplicate_group"] = np.arange(len(frame))
+    frame.loc[[7, 8], "duplicate_group"] = 6
+    config = PruneConfig(policy="class-balanced", keep=0.4)
+    batch = {name: frame[name].to_numpy() for name in frame.columns}
+    out = PruneStage(config)(batch)
+    want = prune(frame, config)
+    assert out["kept"].tolist() == want["kept"].tolist() and out["reason"].tolist() == want["reason"].tolist()
+    assert out["path"] is batch["path"]
+    assert PruneStage(config).kind == "all-to-all"
+
+
+def test_prune_stage_declares_what_its_policy_needs() -> None:
+    """A policy that ranks by score needs `score`; class-balanced needs `label` too; random needs neither —
+    checked when the chain is built, not when the policy runs."""
+    assert PruneStage(PruneConfig(policy="offset")).inputs == ("score",)
+    assert PruneStage(PruneConfig(policy="class-balanced")).inputs == ("score", "label")
+    assert PruneStage(PruneConfig(policy="random")).inputs == ()
+    with pytest.raises(StageChainError, match=r"'prune' needs column\(s\) \['label'\]"):
+        check_chain([PruneStage(PruneConfig(policy="class-balanced"))], ("path", "score"))

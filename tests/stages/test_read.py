@@ -11,9 +11,10 @@ import pytest
 from pipeline.core.config import load_config
 from pipeline.curate import curate
 from pipeline.demo_data import DemoSpec, write_demo_data
+from stages.base import Batch, ChainStages, Stage
 from stages.decode import DecodeOptions, DecodeStage
 from stages.manifest import read_table
-from stages.read import ChainStages, LabelsError, ReadBytes, list_images, read_images
+from stages.read import LabelsError, ReadBytes, list_images, read_images
 
 
 def check_outcome(root: str, output: str) -> pd.DataFrame:
@@ -82,16 +83,27 @@ def test_read_then_stages_run_in_one_call(ray_cluster: None, demo_folder: Path) 
     config = load_config(None, [f"data.input={demo_folder}", "data.read_batch_size=16"])
     listing = list_images(config.data)
 
-    def sizes(batch: dict) -> dict:
-        return {"path": batch["path"], "size": np.asarray([len(b) for b in batch["bytes"]])}
+    class Sizes(Stage):
+        name = "sizes"
+        inputs = ("path", "bytes")
+        outputs = ("path", "size")
+        passthrough = False
 
-    def bigger(batch: dict) -> dict:
-        assert isinstance(batch["size"], np.ndarray)  # not an Arrow column: no block in between
-        return {**batch, "size": batch["size"] + 1}
+        def process(self, batch: Batch) -> Batch:
+            return {"path": batch["path"], "size": np.asarray([len(b) for b in batch["bytes"]])}
 
-    chain = ChainStages(ReadBytes(config.data.storage_options), sizes, bigger)
+    class Bigger(Stage):
+        name = "bigger"
+        inputs = ("size",)
+        outputs = ("size",)
+
+        def process(self, batch: Batch) -> Batch:
+            assert isinstance(batch["size"], np.ndarray)  # not an Arrow column: no block in between
+            return {**batch, "size": batch["size"] + 1}
+
+    chain = ChainStages(ReadBytes(config.data.storage_options), Sizes(), Bigger())
     assert chain.name == "read → sizes → bigger"
-    rows = read_images(listing, config.data, then=[sizes, bigger]).to_pandas()
+    rows = read_images(listing, config.data, then=[Sizes(), Bigger()]).to_pandas()
     assert sorted(rows.columns) == ["path", "size"] and len(rows) == len(listing)
     for path, size in zip(rows["path"], rows["size"], strict=True):
         assert size == len(Path(path).read_bytes()) + 1

@@ -1,0 +1,229 @@
+"""Proxy classifiers: the small models that scoring trains briefly to tell easy examples from hard ones.
+
+A proxy is split as `body` (images → features h) and a linear `head` (h → logits): GraNd's closed form and
+the prototype embeddings need the features. `train_proxy` trains one for a few epochs (SGD, constant lr,
+as Paul et al. 2021 score mid-training) and counts forgetting events on the way; `stages.score` trains K
+of them as Ray tasks and scores every example with them.
+
+Two tasks: `labels` (the given classes) and `rotation` (label-free: predict which of `ROTATIONS` quarter
+turns was applied, for the prototype score).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.core.config import ScoreConfig
+from pipeline.core.errors import UserInputError
+
+ROTATIONS = 4  # label-free proxy task: predict k in rot90(x, k)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+class ProxyNet(nn.Module):
+    """A classifier split as `body` (images → features h, (N, D)) and a linear `head` (h → logits, (N, C)).
+
+    The split is what GraNd's closed form and the prototype embeddings need.
+    """
+
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, S, S) normalised floats → h: (N, D)."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, S, S) → logits (N, C)."""
+        return self.head(self.features(x))
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+def build_proxy(name: str, num_classes: int) -> ProxyNet:
+    """`cnn-small`: a stride-2 stem and 2 conv blocks (16-32-64 channels, ~25k weights, ~0.7M
+    multiply-adds at 32×32), global average pool, D = 64: K of them train on a laptop's cores in seconds.
+    `resnet18`: timm's ResNet-18 trunk (random init), D = 512."""
+    if name == "cnn-small":
+        body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False),  # (N, 16, S/2, S/2)
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # S/4
+            _conv_block(16, 32),
+            nn.MaxPool2d(2),  # S/8
+            _conv_block(32, 64),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),  # (N, 64)
+        )
+        return ProxyNet(body, 64, num_classes)
+    if name == "resnet18":
+        import timm
+
+        trunk = timm.create_model("resnet18", pretrained=False, num_classes=0)
+        return ProxyNet(trunk, trunk.num_features, num_classes)
+    raise UserInputError(f"unknown score.model {name!r}; expected cnn-small or resnet18")
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    """(N, S, S, 3) uint8 → (N, 3, S, S) float32 roughly centred: (x/255 − 0.5) / 0.25."""
+    x = torch.from_numpy(np.asarray(images).astype(np.float32)).permute(0, 3, 1, 2)  # a writable copy
+    return (x / 255.0 - 0.5) / 0.25
+
+
+def random_shift(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Translate each image by up to ±`pad` pixels (reflect padding): cheap augmentation, no flips
+    (a flipped digit is another digit)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 2 * pad)
+    out = padded.gather(2, rows)  # (N, 3, H, W+2p)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
+    return out.gather(3, cols)  # (N, 3, H, W)
+
+
+def rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Rotate image i of x (N, 3, S, S) by k[i] quarter turns."""
+    out = x.clone()
+    for quarter in range(1, ROTATIONS):
+        idx = (k == quarter).nonzero(as_tuple=True)[0]
+        if len(idx):
+            out[idx] = torch.rot90(x[idx], quarter, dims=(2, 3))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """What a proxy-training task needs from the config (small and picklable)."""
+
+    model: str
+    num_classes: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    augment: bool
+    task: str = "labels"  # labels | rotation (label-free)
+    threads: int = 1
+
+    @classmethod
+    def from_config(cls, config: ScoreConfig, num_classes: int, task: str = "labels") -> ProxySpec:
+        return cls(
+            model=config.model,
+            num_classes=ROTATIONS if task == "rotation" else num_classes,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            augment=config.augment,
+            task=task,
+            threads=max(1, math.floor(config.cpus_per_model)),
+        )
+
+
+@dataclass
+class ProxyResult:
+    seed: int
+    state: dict[str, torch.Tensor]  # the trained weights (CPU)
+    forgetting: np.ndarray  # (N,) forgetting events per example (NaN for the rotation task)
+    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+
+
+def train_proxy(images: np.ndarray, labels: np.ndarray, spec: ProxySpec, seed: int) -> ProxyResult:
+    """Train one proxy for `spec.epochs` epochs (SGD, momentum 0.9, constant lr) and count forgetting.
+
+    images: (N, S, S, 3) uint8; labels: (N,) int64 in [0, C). Forgetting follows Toneva et al.: each time
+    an example is in a minibatch its (train-mode) correctness is recorded; a correct → incorrect step is one
+    event. Examples never predicted correctly get `epochs` events.
+    """
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_proxy(spec.model, spec.num_classes)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=spec.lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay
+    )
+    x_all = to_input(images)
+    y_all = torch.from_numpy(np.array(labels, dtype=np.int64))  # a writable copy
+    n = len(x_all)
+    last_correct = torch.zeros(n, dtype=torch.bool)
+    ever_correct = torch.zeros(n, dtype=torch.bool)
+    events = torch.zeros(n, dtype=torch.int64)
+    losses = []
+    model.train()
+    for _ in range(spec.epochs):
+        order = torch.randperm(n, generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, n, spec.batch_size):
+            idx = order[start : start + spec.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            x = x_all[idx]
+            if spec.augment:
+                x = random_shift(x, gen)
+            if spec.task == "rotation":
+                y = torch.randint(0, ROTATIONS, (len(idx),), generator=gen)
+                x = rotate(x, y)
+            else:
+                y = y_all[idx]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"proxy seed {seed}: non-finite loss {loss.item()}; lower score.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct = logits.detach().argmax(1) == y
+            events[idx] += (last_correct[idx] & ~correct).long()
+            last_correct[idx] = correct
+            ever_correct[idx] |= correct
+            total += loss.item() * len(idx)
+            count += len(idx)
+        losses.append(total / max(count, 1))
+    recompute_batchnorm(model, x_all, spec.batch_size)
+    forgetting = events.double().numpy()
+    forgetting[~ever_correct.numpy()] = spec.epochs
+    if spec.task == "rotation":
+        forgetting[:] = np.nan
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return ProxyResult(seed=seed, state=state, forgetting=forgetting, losses=losses)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Set BatchNorm running statistics to the exact mean/var of the final weights' activations on `x`
+    (unaugmented). A few epochs at a high learning rate leave the running averages behind the weights,
+    and eval-mode scores (EL2N is computed in eval mode) would then describe a different network."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    for start in range(0, len(x), batch_size):
+        chunk = x[start : start + batch_size]
+        if len(chunk) > 1:  # a 1×1 feature map of one image has no variance (BatchNorm raises)
+            model(chunk)
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
