@@ -21,7 +21,8 @@ import pandas as pd
 
 from pipeline.core.config import Config, PruneConfig
 from pipeline.core.errors import UserInputError
-from pipeline.core.storage import join, output_lock
+from pipeline.core.runs import publish, run_dir_for
+from pipeline.core.storage import atomic_write_bytes, join, output_lock, read_bytes
 from stages.base import Batch, ChainStages, Progress, Stage, check_chain, run_on_driver
 from stages.decode import GOOD_COLUMNS, DecodeOptions, DecodeStage, GatherDecoded
 from stages.embed import DuplicateGroups
@@ -57,6 +58,7 @@ class Decoded:
 @dataclass
 class CurateResult:
     run_id: str
+    run_dir: str  # the run's own directory (OUTPUT/runs/<run_id> on its own)
     manifest_url: str
     quarantine_url: str
     manifest: pd.DataFrame
@@ -164,11 +166,33 @@ def decode_with(
     return Decoded(frame, good.get("image"), ingest.gather.quarantine(every), listing.classes)
 
 
-def curate(config: Config, progress: Progress | None = None, output: str | None = None) -> CurateResult:
-    """Run curation per `config` and write OUTPUT/manifest.parquet and OUTPUT/quarantine.parquet."""
+def publish_curation(output: str, run_dir: str, storage_options: dict[str, Any]) -> tuple[str, str]:
+    """Publish a curation's run directory and refresh the output's copies of its pair; returns the copies'
+    URLs. Under the output's lock, so the pointer and the copies name the same run when two curations share
+    an output (each file is written atomically; a kill between the copies leaves the pointer right)."""
+    manifest_copy, quarantine_copy = join(output, MANIFEST_NAME), join(output, QUARANTINE_NAME)
+    with output_lock(output, storage_options):
+        publish(output, run_dir, storage_options)
+        for name, copy in ((QUARANTINE_NAME, quarantine_copy), (MANIFEST_NAME, manifest_copy)):
+            atomic_write_bytes(copy, read_bytes(join(run_dir, name), storage_options), storage_options)
+    return manifest_copy, quarantine_copy
+
+
+def curate(config: Config, progress: Progress | None = None, run_dir: str | None = None) -> CurateResult:
+    """Run curation per `config` into its own run directory, then publish it.
+
+    On its own (`run_dir` None) curation writes `OUTPUT/runs/<run_id>/{manifest,quarantine}.parquet`, flips
+    `OUTPUT/runs/latest` to that directory (the one atomic step that publishes the pair), and then refreshes
+    the copies at `OUTPUT/manifest.parquet` and `OUTPUT/quarantine.parquet` that the command line names,
+    under the output's lock so that two curations never leave the copies from different runs. A reader that
+    needs the two files as a pair goes through the pointer (`pipeline.core.runs.resolve_run`); a kill before
+    the flip leaves the previous run published. Inside `maskdiet run` (`run_dir` given) the pair is written
+    there and the run publishes itself when it ends.
+    """
     start = time.perf_counter()
     run_id = config.run_id or new_run_id()
-    output = output or config.output
+    standalone = run_dir is None
+    run_dir = run_dir or run_dir_for(config.output, run_id)
     listing = list_images(config.data)
     log.info(
         "listed %d objects in %d classes under %s", len(listing), len(listing.classes), config.data.input
@@ -176,18 +200,18 @@ def curate(config: Config, progress: Progress | None = None, output: str | None 
     if progress:
         progress("list", len(listing), len(listing))
     metadata = {"run_id": run_id, "config": config.redacted(), "classes": listing.classes}
-    manifest_url = join(output, MANIFEST_NAME)
-    quarantine_url = join(output, QUARANTINE_NAME)
+    manifest_url = join(run_dir, MANIFEST_NAME)
+    quarantine_url = join(run_dir, QUARANTINE_NAME)
     plan = curation_stages(config, listing.classes, manifest_url, metadata, progress)
 
     decoded = decode_with(listing, config, plan.ingest, progress)
     # With no decodable image there is nothing to score or prune: the manifest is written empty.
     rows = run_on_driver(plan.rows, decoded.batch()) if len(decoded.frame) else decoded.batch()
     so = config.data.storage_options
-    # each file is atomic; the lock keeps the pair from one run when two runs share an output
-    with output_lock(output, so):
-        write_quarantine(quarantine_url, decoded.quarantine, metadata, so)
-        plan.manifest(rows)
+    write_quarantine(quarantine_url, decoded.quarantine, metadata, so)
+    plan.manifest(rows)
+    if standalone:
+        manifest_url, quarantine_url = publish_curation(config.output, run_dir, so)
     if decoded.frame.empty:  # both files are written (one run's pair); the quarantine says why each failed
         reasons = ", ".join(f"{r} {n}" for r, n in Counter(decoded.quarantine["reason"]).most_common())
         raise NothingDecoded(
@@ -205,6 +229,7 @@ def curate(config: Config, progress: Progress | None = None, output: str | None 
     log.info("curated %d objects in %.1f s", len(listing), seconds)
     return CurateResult(
         run_id=run_id,
+        run_dir=run_dir,
         manifest_url=manifest_url,
         quarantine_url=quarantine_url,
         manifest=frame,

@@ -257,7 +257,7 @@ def _prepare_manifest(config: Config, sweep_dir: str, progress: Any) -> str:
     from pipeline.curate import curate
 
     log.info("curating %s once for the sweep", config.data.input)
-    return curate(config, progress=progress, output=join(sweep_dir, "curate")).manifest_url
+    return curate(config, progress=progress, run_dir=join(sweep_dir, "curate")).manifest_url
 
 
 # ---------------------------------------------------------------------------------------------- driver

@@ -19,17 +19,11 @@ from pipeline.cli import app
 from pipeline.core.config import load_config
 from pipeline.curate import decode_listing
 from stages.read import list_images
+from tests.tiny import TINY_RUN, as_sets
 
 runner = CliRunner()
 
-# a `maskdiet run` small enough for a test: one brief proxy model, a few MAE steps, a quick evaluation
-SMALL_RUN = [
-    *("--set", "score.num_models=1", "--set", "score.epochs=1"),
-    *("--set", "pretrain.model=mae_vit_micro_patch4", "--set", "pretrain.steps=4"),
-    *("--set", "pretrain.batch_size=8", "--set", "pretrain.val_images=8"),
-    *("--set", "pretrain.eval_every=2", "--set", "pretrain.checkpoint_every=4"),
-    *("--set", "evaluate.knn_k=3", "--set", "evaluate.probe_epochs=2"),
-]
+SMALL_RUN = as_sets(TINY_RUN)
 
 
 def _expected(root: str, corpus: list) -> dict[str, str]:

@@ -19,6 +19,7 @@ import ray
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.core.runs import resolve_run
 from pipeline.core.storage import LOCK_NAME, LockHeld, exists, output_lock, url_to_fs
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.manifest import read_table
@@ -38,22 +39,42 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def test_kill_during_manifest_write_keeps_the_previous_one(
-    ray_cluster: None, s3_server: str, s3_bucket: str, fault_proxy, tmp_path: Path
+def _published_pair(out: str) -> tuple[str, pd.DataFrame, dict, pd.DataFrame, dict]:
+    """The run `OUT/runs/latest` publishes and its two files, read through the pointer as every reader does."""
+    run_dir = resolve_run(out)
+    manifest, m_meta = read_table(f"{run_dir}/manifest.parquet")
+    quarantine, q_meta = read_table(f"{run_dir}/quarantine.parquet")
+    return run_dir, manifest, m_meta, quarantine, q_meta
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        pytest.param("run-dir", id="writing-its-own-manifest"),  # before the pointer flips
+        pytest.param("copy", id="refreshing-the-output-copy"),  # after the pointer flipped
+    ],
+)
+def test_a_kill_at_any_moment_leaves_one_published_pair(
+    moment: str, ray_cluster: None, s3_server: str, s3_bucket: str, fault_proxy, tmp_path: Path
 ) -> None:
-    """`maskdiet curate` (its own process and Ray) is SIGKILLed while its manifest PUT is in flight — held
-    open by the proxy, so the moment is exact. The previous manifest stays intact; a rerun completes."""
+    """`maskdiet curate` (its own process, joined to the session's Ray) is SIGKILLed while a manifest PUT is in
+    flight, held open by the proxy so the moment is exact: while it writes its own run directory, or while
+    it refreshes OUTPUT/manifest.parquet after publishing. Read through `runs/latest`, the output always
+    holds one run's manifest and quarantine: the previous run's before the flip, the new run's after; a
+    rerun completes and breaks the dead run's lock."""
     data, out = f"{s3_bucket}/images", f"{s3_bucket}/curated"
     write_demo_data(data, DemoSpec(per_class=3, bad=2, seed=4))
     _curate_in_process(data, out)
-    before, before_meta = read_table(f"{out}/manifest.parquet")
+    before_dir, before, before_meta, _, _ = _published_pair(out)
     write_demo_data(f"{s3_bucket}/images/more", DemoSpec(per_class=2, seed=5))  # the next run has more rows
 
-    fault_proxy.policy.stall = lambda method, path: (
-        method == "PUT" and path.split("?")[0].endswith("/curated/manifest.parquet")
-    )
-    # the child joins the session's Ray as its own driver (no second Ray on 2 cores); the manifest is written
-    # by the driver, through the proxy named in its environment
+    def held(method: str, path: str) -> bool:
+        path = path.split("?")[0]
+        if moment == "run-dir":
+            return method == "PUT" and "/curated/runs/" in path and path.endswith("/manifest.parquet")
+        return method == "PUT" and path.endswith("/curated/manifest.parquet")
+
+    fault_proxy.policy.stall = held
     env = {**os.environ, "AWS_ENDPOINT_URL": fault_proxy.url}
     address = ray.get_runtime_context().gcs_address
     args = ["curate", "-i", data, "-o", out, "--score", "none", "--set", f"ray.address={address}"]
@@ -73,15 +94,20 @@ def test_kill_during_manifest_write_keeps_the_previous_one(
     assert stalled, f"the run never started writing its manifest: {log.read_text()[-2000:]}"
     fault_proxy.policy.release.set()
 
-    after, after_meta = read_table(f"{out}/manifest.parquet")
-    pd.testing.assert_frame_equal(after, before)
-    assert after_meta["run_id"] == before_meta["run_id"]
-    assert exists(f"{out}/{LOCK_NAME}")  # the killed run's lock is left behind ...
-    _curate_in_process(data, out)  # ... and broken by the rerun: its process is gone
-    rerun, rerun_meta = read_table(f"{out}/manifest.parquet")
-    quarantine, quarantine_meta = read_table(f"{out}/quarantine.parquet")
+    run_dir, manifest, m_meta, quarantine, q_meta = _published_pair(out)
+    assert m_meta["run_id"] == q_meta["run_id"]  # one run's pair, whatever the moment
+    if moment == "run-dir":  # killed before the flip: the previous run is still the published one
+        assert run_dir == before_dir and m_meta["run_id"] == before_meta["run_id"]
+        pd.testing.assert_frame_equal(manifest, before)
+    else:  # killed after the flip: the new run is published whole
+        assert run_dir != before_dir and len(manifest) == len(before) + 20 and len(quarantine) == 2
+    assert exists(f"{out}/{LOCK_NAME}") == (moment == "copy")  # the lock is held only around publishing
+    _curate_in_process(data, out)  # a rerun completes (breaking a dead run's lock: its process is gone)
+    rerun_dir, rerun, rerun_meta, quarantine, quarantine_meta = _published_pair(out)
     assert len(rerun) == len(before) + 20 and len(quarantine) == 2
     assert rerun_meta["run_id"] == quarantine_meta["run_id"] != before_meta["run_id"]
+    _copy, copy_meta = read_table(f"{out}/manifest.parquet")  # the output's copies follow the pointer
+    assert copy_meta["run_id"] == rerun_meta["run_id"] and rerun_dir.endswith(rerun_meta["run_id"])
     assert not exists(f"{out}/{LOCK_NAME}")
 
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.core.storage import url_to_fs
 from pipeline.demo_data import DemoSpec, write_demo_data
+from tests.tiny import TINY_RUN, as_sets
 
 runner = CliRunner()
 
@@ -111,13 +112,7 @@ def test_run_never_leaks_credentials(
     key, secret = f"AKIA{uuid.uuid4().hex[:16].upper()}", f"so-{uuid.uuid4().hex}"
     write_demo_data(f"{s3_bucket}/img", DemoSpec(per_class=4, bad=2, seed=7))
     config = _secret_config(tmp_path, s3_server, key, secret)
-    small = [
-        *("--set", "score.num_models=1", "--set", "score.epochs=1"),
-        *("--set", "pretrain.model=mae_vit_micro_patch4", "--set", "pretrain.steps=4"),
-        *("--set", "pretrain.batch_size=8", "--set", "pretrain.val_images=8"),
-        *("--set", "pretrain.eval_every=2", "--set", "pretrain.checkpoint_every=4"),
-        *("--set", "evaluate.knn_k=3", "--set", "evaluate.probe_epochs=2"),
-    ]
+    small = as_sets(TINY_RUN)
     where = ["--set", f"data.input={s3_bucket}/img", "--set", f"output={s3_bucket}/out"]
     result = runner.invoke(app, ["run", str(config), "-v", *where, *small])
     assert result.exit_code == 0, result.output

@@ -44,6 +44,7 @@ def _curated(output: str, run_id: str) -> pipeline.curate.CurateResult:
     manifest = pd.DataFrame({"path": ["a.png"], "kept": [True], "reason": ["kept"], "score": [float("nan")]})
     return pipeline.curate.CurateResult(
         run_id=run_id,
+        run_dir=join(output, "runs", run_id),
         manifest_url=join(output, "manifest.parquet"),
         quarantine_url=join(output, "quarantine.parquet"),
         manifest=manifest,
@@ -77,6 +78,7 @@ def test_curate_writes_result_json(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert result["outputs"] == {
         "manifest": f"{out}/manifest.parquet",
         "quarantine": f"{out}/quarantine.parquet",
+        "run_dir": f"{out}/runs/job-1",
     }
     assert _job_reads(f"maskdiet curate -i {tmp_path} -o {out}", "job-1") == result["outputs"]
 
