@@ -1,44 +1,63 @@
-"""Frozen-encoder evaluation: kNN and linear-probe accuracy on a labeled split, against random init.
+"""Evaluation of a pretrained encoder on labeled images, beside two baselines it has to beat.
 
-    maskdiet evaluate --checkpoint out/pretrain/encoder.pth --data /tmp/digits
+    maskdiet evaluate --checkpoint out/pretrain/encoder.pth --data /tmp/digits [--test-data /tmp/test]
 
-The encoder (`encoder.pth`, timm ViT keys) is loaded into our MAE's encoder, frozen, and turned into one
-feature per image (`evaluate.pool`: the CLS token or the mean of the patch tokens, after the final norm).
-Its `encode` computes timm's `VisionTransformer.forward_features` on the same weights (tested in
+The encoder (`encoder.pth`, timm ViT keys) is loaded into our MAE's encoder and turned into one feature per
+image (`evaluate.pool`: the CLS token or the mean of the patch tokens, after the final norm). Its `encode`
+computes timm's `VisionTransformer.forward_features` on the same weights (tested in
 tests/pipeline/test_mae.py), without importing timm, which costs about 5 s on 2 cores. The labeled images
-are split once (seeded, `evaluate.holdout` to test) and both probes use the same split:
+are split once (seeded, `evaluate.holdout` to test), or the test images come from `evaluate.test_data` (an
+official test split); every protocol uses the same split:
 
 - kNN (DINO's weighted kNN): cosine similarity to every training feature, the k = 20 nearest vote with
   weight exp(sim / T), T = 0.07; the class with the largest summed weight wins.
 - Linear probe (MAE's): BatchNorm without affine parameters, then a linear layer, trained with SGD on the
   frozen features; accuracy on the test split.
+- Fine-tune (MAE's primary protocol, shortened): encoder + linear head trained end to end for
+  `evaluate.finetune_epochs` with AdamW, layer-wise lr decay and label smoothing, on a copy of the encoder.
 
-The baseline is the same architecture at its initialisation (MAE's init, the state pretraining starts
-from), so "pretraining helped" means beating it.
+Baselines: the same architecture at its initialisation (MAE's init, the state pretraining starts from), and
+the raw pixels themselves (flattened after the encoder's input normalisation; kNN and probe only). Beating
+random init says pretraining learned something; beating the pixels says it learned something worth having.
+
+Labels: folder names (or the labels table / manifest labels), except where the folder carries demo truth
+(`_truth.parquet`, written by `maskdiet demo-data`): there the true labels are used, never the injected noisy
+ones, so a score measures the encoder and not the noise.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.config import Config
 from pipeline.core.errors import UserInputError
+from pipeline.core.storage import exists, join, read_bytes
 from pipeline.models.checkpoint import (
     encoder_from_state,
     extract_features,
     read_encoder_state,
     size_from_state,
 )
+from pipeline.models.mae import MAESize, MaskedAutoencoder, normalize_images
 
 log = logging.getLogger(__name__)
+
+TRUTH_NAME = "_truth.parquet"  # demo truth beside the images (pipeline/demo_data.py)
+FINETUNE_WEIGHT_DECAY = 0.05  # MAE's fine-tuning recipe
+FINETUNE_LABEL_SMOOTHING = 0.1
+FINETUNE_WARMUP = 0.1  # share of the steps with a linear lr warmup
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
 @dataclass
@@ -47,15 +66,35 @@ class EvaluateResult:
     probe_accuracy: float
     random_knn_accuracy: float  # same architecture, untrained
     random_probe_accuracy: float
+    pixel_knn_accuracy: float  # flattened, normalised pixels: the baseline an encoder has to beat
+    pixel_probe_accuracy: float
+    finetune_accuracy: float | None  # None: evaluate.finetune_epochs = 0
+    random_finetune_accuracy: float | None
     num_train: int
     num_test: int
     num_classes: int
     feature_dim: int
     model: str  # timm architecture name
     seconds: float
+    labels: str = "folder names"  # where the labels came from (e.g. demo truth)
+    test: str = "holdout"  # the test split: `holdout <share>` or the test_data URL
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class LabeledSplit:
+    """The images every protocol learns from and is tested on: (N, S, S, 3) uint8 and (N,) int64 labels,
+    label i being classes[i]."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list[str]
+    labels: str  # where the labels came from
+    test: str  # where the test split came from
 
 
 # ---------------------------------------------------------------------------------------------- probes
@@ -68,17 +107,23 @@ def knn_accuracy(
     test_y: torch.Tensor,
     k: int = 20,
     temperature: float = 0.07,
+    chunk: int = 1024,
 ) -> float:
-    """DINO's weighted kNN: cosine similarity, top-k neighbours vote with exp(sim / T)."""
+    """DINO's weighted kNN: cosine similarity, top-k neighbours vote with exp(sim / T). Test rows go `chunk`
+    at a time, so the similarity matrix never holds more than chunk × train entries (Fashion-MNIST's 10,000
+    × 60,000 would be 2.4 GB)."""
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     train_n = F.normalize(train_x, dim=1)
-    test_n = F.normalize(test_x, dim=1)
     k = min(k, len(train_x))
-    sims, idx = (test_n @ train_n.T).topk(k, dim=1)  # (T, k)
-    weights = (sims / temperature).exp()
-    votes = torch.zeros(len(test_x), num_classes)
-    votes.scatter_add_(1, train_y[idx], weights)
-    return float((votes.argmax(dim=1) == test_y).float().mean())
+    correct = 0
+    for start in range(0, len(test_x), chunk):
+        test_n = F.normalize(test_x[start : start + chunk], dim=1)
+        sims, idx = (test_n @ train_n.T).topk(k, dim=1)  # (t, k)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(len(test_n), num_classes)
+        votes.scatter_add_(1, train_y[idx], weights)
+        correct += int((votes.argmax(dim=1) == test_y[start : start + chunk]).sum())
+    return correct / max(1, len(test_x))
 
 
 def linear_probe_accuracy(
@@ -121,45 +166,244 @@ def linear_probe_accuracy(
         return float((head(test_x).argmax(dim=1) == test_y).float().mean())
 
 
-def split_indices(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) row indices: a seeded permutation, `holdout` of the rows to test."""
-    order = np.random.default_rng(seed).permutation(n)
-    cut = max(1, round(n * holdout))
-    return np.sort(order[cut:]), np.sort(order[:cut])
+def pixel_features(images: np.ndarray, batch: int = 1024) -> torch.Tensor:
+    """images (N, S, S, 3) uint8 → (N, 3·S·S) float: the pixels as the encoder sees them (ImageNet
+    mean/std), flattened. kNN and the probe on these are the floor an encoder's features must clear."""
+    out = [
+        normalize_images(torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))).flatten(1)
+        for start in range(0, len(images), batch)
+    ]
+    return torch.cat(out) if out else torch.zeros(0, 3 * images.shape[1] * images.shape[2])
+
+
+# ---------------------------------------------------------------------------------------------- fine-tune
+
+
+def _pool(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """(N, 1 + L, D) → (N, D): the CLS token or the mean patch token, as `extract_features` pools."""
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+
+
+def _layer_id(name: str, depth: int) -> int:
+    """MAE's layer index for layer-wise lr decay: embeddings 0, block i → i + 1, the final norm depth + 1."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed.")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def finetune_param_groups(
+    encoder: MaskedAutoencoder, head: nn.Module, lr: float, layer_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW groups as MAE's `param_groups_lrd`: lr × layer_decay^(depth + 1 − layer), so the layers near the
+    input move least; no weight decay on biases, norms and tokens (1-D tensors). The decoder is left out."""
+    depth = len(encoder.blocks)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    named = [(n, p) for n, p in encoder.named_parameters() if n.startswith(ENCODER_PREFIXES)]
+    named += [(f"head.{n}", p) for n, p in head.named_parameters()]
+    for name, param in named:
+        if not param.requires_grad:
+            continue  # the fixed sin-cos position embedding
+        layer = _layer_id(name, depth)
+        decay = param.ndim > 1 and not name.startswith(("cls_token", "pos_embed"))
+        group = groups.setdefault(
+            (layer, decay),
+            {
+                "params": [],
+                "lr": lr * layer_decay ** (depth + 1 - layer),
+                "weight_decay": FINETUNE_WEIGHT_DECAY if decay else 0.0,
+            },
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def _warmup_cosine(total: int) -> Any:
+    """lr multiplier per step: linear warmup over FINETUNE_WARMUP of the steps, then cosine to 0."""
+    warmup = max(1, round(total * FINETUNE_WARMUP))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+def finetune_accuracy(
+    encoder: MaskedAutoencoder,
+    train_images: np.ndarray,
+    train_y: torch.Tensor,
+    test_images: np.ndarray,
+    test_y: torch.Tensor,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    layer_decay: float = 0.75,
+    batch: int = 64,
+    pool: str = "mean",
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> float:
+    """Test accuracy after training a copy of `encoder` plus a linear head end to end on the train images
+    (MAE's fine-tuning, short: AdamW, layer-wise lr decay, label smoothing, warmup + cosine; no mixup or
+    augmentation). `encoder` itself is not changed. Runs on the GPU when there is one."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    model = copy.deepcopy(encoder).to(device).train()
+    head = nn.Linear(model.size.embed_dim, num_classes).to(device)
+    nn.init.trunc_normal_(head.weight, std=2e-5)  # MAE's head init
+    nn.init.zeros_(head.bias)
+    optimizer = torch.optim.AdamW(finetune_param_groups(model, head, lr, layer_decay), betas=(0.9, 0.999))
+    steps = epochs * max(1, -(-len(train_images) // batch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
+
+    def logits(images: np.ndarray) -> torch.Tensor:
+        x = normalize_images(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+        return head(_pool(model.encode(x), pool))
+
+    for _ in range(epochs):
+        order = torch.randperm(len(train_images), generator=generator).numpy()
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
+            target = train_y[rows].to(device)
+            loss = F.cross_entropy(
+                logits(train_images[rows]), target, label_smoothing=FINETUNE_LABEL_SMOOTHING
+            )
+            if not torch.isfinite(loss):
+                raise UserInputError(f"fine-tune loss is {loss.item()}; lower evaluate.finetune_lr ({lr})")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(test_images), 256):
+            pred = logits(test_images[start : start + 256]).argmax(dim=1).cpu()
+            correct += int((pred == test_y[start : start + 256]).sum())
+    return correct / max(1, len(test_images))
 
 
 # ---------------------------------------------------------------------------------------------- data
 
 
-def labeled_paths(data_url: str, config: Config) -> tuple[list[str], np.ndarray]:
-    """(paths, labels) of labeled images: a manifest / labels Parquet (rows with label ≥ 0) or an image
-    folder (`<root>/<class>/<file>`, as `maskdiet curate` reads it)."""
+def _tail(path: str) -> str:
+    """`<class folder>/<file>`: how a demo image is matched to its truth row even after the folder moved."""
+    return "/".join(path.rstrip("/").split("/")[-2:])
+
+
+def demo_truth(
+    data_url: str, classes: list[str], storage_options: dict[str, Any] | None = None
+) -> dict[str, str] | None:
+    """{`<class>/<file>`: true class name} from the folder's `_truth.parquet` (written by `maskdiet
+    demo-data`); None when there is none or it is not demo truth. `classes` names an older file's
+    `true_label` indices (the sorted class folders)."""
+    url = join(data_url, TRUTH_NAME)
+    if not exists(url, storage_options):
+        return None
+    try:
+        truth = pd.read_parquet(pd.io.common.BytesIO(read_bytes(url, storage_options)))
+    except (OSError, ValueError) as e:  # a user's folder may hold an unrelated file of that name
+        log.warning("evaluate: ignoring %s (%s)", url, e)
+        return None
+    if "path" not in truth.columns:
+        return None
+    if "true_class" in truth.columns:
+        names = truth["true_class"].astype(str)
+    elif "true_label" in truth.columns:
+        names = truth["true_label"].map(lambda i: classes[int(i)] if 0 <= int(i) < len(classes) else None)
+    else:
+        return None
+    return {_tail(p): n for p, n in zip(truth["path"].astype(str), names, strict=True) if n is not None}
+
+
+def labeled_names(
+    data_url: str, config: Config, labels_table: str | None = None
+) -> tuple[list[str], list[str], str]:
+    """(paths, class name per path, where the names came from) of the labeled images at `data_url`: a
+    manifest / labels Parquet (rows with label ≥ 0; `class_name`, else the label) or an image folder
+    (`<root>/<class>/<file>`, or `labels_table` as `data.labels`), with demo truth taking precedence."""
     if data_url.endswith(".parquet"):
         from stages.manifest import read_table
 
         frame, _ = read_table(data_url, config.data.storage_options)
         frame = frame[frame["label"].fillna(-1).astype(int) >= 0].sort_values("path")
-        return frame["path"].astype(str).tolist(), frame["label"].astype(np.int64).to_numpy()
+        names = frame["label"].astype(np.int64).astype(str)
+        if "class_name" in frame.columns:
+            names = frame["class_name"].where(frame["class_name"].notna(), names).astype(str)
+        return frame["path"].astype(str).tolist(), names.tolist(), "manifest labels"
     from stages.read import list_images
 
-    listing = list_images(config.data.model_copy(update={"input": data_url}))
-    labels = np.asarray(listing.labels, dtype=np.int64)
-    keep = labels >= 0
-    return [p for p, k in zip(listing.paths, keep, strict=True) if k], labels[keep]
+    listing = list_images(config.data.model_copy(update={"input": data_url, "labels": labels_table}))
+    rows = [i for i, label in enumerate(listing.labels) if label >= 0]
+    paths = [listing.paths[i] for i in rows]
+    names = [listing.classes[listing.labels[i]] for i in rows]
+    truth = demo_truth(data_url, listing.classes, config.data.storage_options)
+    if truth:
+        return paths, [truth.get(_tail(p), n) for p, n in zip(paths, names, strict=True)], "demo truth"
+    return paths, names, "labels table" if labels_table else "folder names"
 
 
-def load_labeled(data_url: str, config: Config, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the labeled images at `size`: (images (N, S, S, 3) uint8, labels (N,)). Objects that do not
-    decode are skipped (the evaluation set may be a raw folder with bad files)."""
+def load_named(
+    data_url: str, config: Config, size: int, labels_table: str | None = None
+) -> tuple[np.ndarray, list[str], str]:
+    """Decode the labeled images at `size`: (images (N, S, S, 3) uint8, class names (N,), label source).
+    Objects that do not decode are skipped (the evaluation set may be a raw folder with bad files)."""
     from stages.stream import decode_flagged
 
-    paths, labels = labeled_paths(data_url, config)
+    paths, names, source = labeled_names(data_url, config, labels_table)
     images, ok, reasons = decode_flagged(paths, config, size)
     for path, reason in reasons.items():
         log.info("evaluate: skipping %s (%s)", path, reason)
     if not ok.any():
         raise UserInputError(f"no decodable labeled images under {data_url}")
-    return images[ok], labels[ok]
+    return images[ok], [n for n, good in zip(names, ok, strict=True) if good], source
+
+
+def load_labeled(data_url: str, config: Config, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, S, S, 3) uint8, labels (N,) int64, the index into the sorted class names)."""
+    images, names, _ = load_named(data_url, config, size, config.data.labels)
+    classes = sorted(set(names))
+    return images, np.asarray([classes.index(n) for n in names], dtype=np.int64)
+
+
+def load_split(data_url: str, config: Config, size: int) -> LabeledSplit:
+    """The evaluation split: `data_url`'s labeled images (read with `data.labels` when set), tested on
+    `evaluate.test_data` when set (folder names or its demo truth), else on a seeded `evaluate.holdout`
+    share of them. Class names index both sides alike, even when the two folders differ."""
+    ev = config.evaluate
+    images, names, source = load_named(data_url, config, size, config.data.labels)
+    if ev.test_data:
+        test_images, test_names, _ = load_named(ev.test_data, config, size)
+        train_images, train_names, test = images, names, ev.test_data
+    else:
+        train_idx, test_idx = split_indices(len(images), ev.holdout, ev.seed)
+        train_images, test_images = images[train_idx], images[test_idx]
+        train_names = [names[i] for i in train_idx]
+        test_names = [names[i] for i in test_idx]
+        test = f"holdout {ev.holdout:g}"
+    classes = sorted(set(train_names) | set(test_names))
+    index = {c: i for i, c in enumerate(classes)}
+    return LabeledSplit(
+        train_images=train_images,
+        train_labels=np.asarray([index[n] for n in train_names], dtype=np.int64),
+        test_images=test_images,
+        test_labels=np.asarray([index[n] for n in test_names], dtype=np.int64),
+        classes=classes,
+        labels=source,
+        test=test,
+    )
+
+
+def split_indices(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) row indices: a seeded permutation, `holdout` of the rows to test."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = max(1, round(n * holdout))
+    return np.sort(order[cut:]), np.sort(order[:cut])
 
 
 # ---------------------------------------------------------------------------------------------- entry
@@ -177,43 +421,76 @@ def evaluate_features(
     return knn, probe
 
 
-def evaluate_encoder(
-    checkpoint_url: str,
-    data_url: str,
-    config: Config,
-    images: np.ndarray | None = None,
-    labels: np.ndarray | None = None,
+def evaluate_split(
+    state: dict[str, torch.Tensor], size: MAESize, split: LabeledSplit, config: Config
 ) -> EvaluateResult:
-    """kNN and linear-probe accuracy of the frozen encoder at `checkpoint_url` (encoder.pth, output folder
-    or checkpoint) on the labeled images at `data_url` — or on `images` / `labels` when given — and the
-    same for the untrained encoder of the same size."""
+    """Every protocol on `split` for the encoder weights `state`, the same architecture at its init, and
+    (kNN, probe) the raw pixels."""
     start = time.perf_counter()
     ev = config.evaluate
-    state = read_encoder_state(checkpoint_url, config.data.storage_options)
-    size = size_from_state(state, config.pretrain.model)
-    if images is None or labels is None:
-        images, labels = load_labeled(data_url, config, size.img_size)
-    train_idx, test_idx = split_indices(len(images), ev.holdout, ev.seed)
-    train_y = torch.from_numpy(labels[train_idx])
-    test_y = torch.from_numpy(labels[test_idx])
+    train_y = torch.from_numpy(split.train_labels)
+    test_y = torch.from_numpy(split.test_labels)
+    pretrained = encoder_from_state(size, state)
     torch.manual_seed(ev.seed)
-    results = []
-    for weights in (state, None):
-        encoder = encoder_from_state(size, weights)
-        features = extract_features(encoder, images, ev.pool, ev.batch_size)
-        results.append(evaluate_features(features[train_idx], train_y, features[test_idx], test_y, config))
-    (knn, probe), (random_knn, random_probe) = results
+    random_init = encoder_from_state(size, None)
+    scores: dict[str, float | None] = {}
+    for name, encoder in (("", pretrained), ("random_", random_init)):
+        train_x = extract_features(encoder, split.train_images, ev.pool, ev.batch_size)
+        test_x = extract_features(encoder, split.test_images, ev.pool, ev.batch_size)
+        scores[f"{name}knn"], scores[f"{name}probe"] = evaluate_features(
+            train_x, train_y, test_x, test_y, config
+        )
+    pixels = (pixel_features(split.train_images), pixel_features(split.test_images))
+    scores["pixel_knn"], scores["pixel_probe"] = evaluate_features(
+        pixels[0], train_y, pixels[1], test_y, config
+    )
+    for name, encoder in (("", pretrained), ("random_", random_init)):
+        scores[f"{name}finetune"] = None
+        if ev.finetune_epochs > 0:
+            began = time.perf_counter()
+            scores[f"{name}finetune"] = finetune_accuracy(
+                encoder,
+                split.train_images,
+                train_y,
+                split.test_images,
+                test_y,
+                epochs=ev.finetune_epochs,
+                lr=ev.finetune_lr,
+                layer_decay=ev.finetune_layer_decay,
+                batch=ev.finetune_batch_size,
+                pool=ev.pool,
+                seed=ev.seed,
+            )
+            log.info("evaluate: %sfine-tune took %.1f s", name, time.perf_counter() - began)
     result = EvaluateResult(
-        knn_accuracy=knn,
-        probe_accuracy=probe,
-        random_knn_accuracy=random_knn,
-        random_probe_accuracy=random_probe,
-        num_train=len(train_idx),
-        num_test=len(test_idx),
-        num_classes=int(labels.max()) + 1,
+        knn_accuracy=scores["knn"],  # type: ignore[arg-type]
+        probe_accuracy=scores["probe"],  # type: ignore[arg-type]
+        random_knn_accuracy=scores["random_knn"],  # type: ignore[arg-type]
+        random_probe_accuracy=scores["random_probe"],  # type: ignore[arg-type]
+        pixel_knn_accuracy=scores["pixel_knn"],  # type: ignore[arg-type]
+        pixel_probe_accuracy=scores["pixel_probe"],  # type: ignore[arg-type]
+        finetune_accuracy=scores["finetune"],
+        random_finetune_accuracy=scores["random_finetune"],
+        num_train=len(split.train_labels),
+        num_test=len(split.test_labels),
+        num_classes=len(split.classes),
         feature_dim=size.embed_dim,
         model=size.timm_name,
         seconds=time.perf_counter() - start,
+        labels=split.labels,
+        test=split.test,
     )
     log.info("evaluate: %s", result)
+    return result
+
+
+def evaluate_encoder(checkpoint_url: str, data_url: str, config: Config) -> EvaluateResult:
+    """Evaluate the encoder at `checkpoint_url` (encoder.pth, output folder or checkpoint) on the labeled
+    images at `data_url` (split per `load_split`): see the module docstring."""
+    start = time.perf_counter()
+    state = read_encoder_state(checkpoint_url, config.data.storage_options)
+    size = size_from_state(state, config.pretrain.model)
+    split = load_split(data_url, config, size.img_size)
+    result = evaluate_split(state, size, split, config)
+    result.seconds = time.perf_counter() - start
     return result

@@ -21,7 +21,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from pipeline.core.storage import atomic_write_bytes, exists, join, read_bytes
+from pipeline.core.storage import (
+    StorageError,
+    atomic_write_bytes,
+    exists,
+    join,
+    read_bytes,
+    read_json_lines,
+)
 from stages.decode import BadImage, DecodeOptions, decode_image
 from stages.manifest import MANIFEST_NAME, QUARANTINE_NAME, read_table
 
@@ -46,10 +53,8 @@ def load_artifacts(run_dir: str, storage_options: dict[str, Any] | None = None) 
         out.manifest = read_table(join(run_dir, MANIFEST_NAME), so)[0]
     if exists(join(run_dir, QUARANTINE_NAME), so):
         out.quarantine = read_table(join(run_dir, QUARANTINE_NAME), so)[0]
-    if exists(join(run_dir, "metrics.jsonl"), so):
-        lines = read_bytes(join(run_dir, "metrics.jsonl"), so).decode().splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()]
-        out.metrics = pd.DataFrame(rows) if rows else None
+    rows = read_json_lines(join(run_dir, "metrics.jsonl"), so)
+    out.metrics = pd.DataFrame(rows) if rows else None
     for name in ("evaluation", "summary"):
         url = join(run_dir, f"{name}.json")
         if exists(url, so):
@@ -99,7 +104,7 @@ def _thumbnails(paths: list[str], storage_options: dict[str, Any] | None, size: 
     for path in paths:
         try:
             out.append(decode_image(read_bytes(path, storage_options), options))
-        except (BadImage, OSError):
+        except (BadImage, OSError, StorageError):  # gone or unreadable since the manifest was written
             out.append(np.zeros((size, size, 3), dtype=np.uint8))
     return out
 
@@ -158,29 +163,71 @@ def plot_training(metrics: pd.DataFrame) -> bytes | None:
     return _png(fig)
 
 
+EVAL_PROTOCOLS = (("kNN", "knn"), ("linear probe", "probe"), ("fine-tune", "finetune"))
+# what each protocol is measured on: the trained encoder and the two baselines it has to beat
+EVAL_SUBJECTS = (
+    ("pretrained", "", "#2b8cbe"),
+    ("random init", "random_", "#bdbdbd"),
+    ("raw pixels", "pixel_", "#e6550d"),
+)
+
+
 def plot_evaluation(evaluation: dict[str, Any]) -> bytes | None:
-    """kNN and linear-probe accuracy of the pretrained encoder next to a random-init encoder."""
-    pairs = [
-        ("kNN", evaluation.get("knn_accuracy"), evaluation.get("random_knn_accuracy")),
-        ("linear probe", evaluation.get("probe_accuracy"), evaluation.get("random_probe_accuracy")),
-    ]
-    pairs = [p for p in pairs if p[1] is not None]
-    if not pairs:
+    """Accuracy per protocol (kNN, linear probe, fine-tune) of the pretrained encoder beside its random init
+    and the raw pixels (no fine-tune for pixels): an encoder below the orange bar learned less than the
+    pixels already hold."""
+    protocols = [(name, key) for name, key in EVAL_PROTOCOLS if evaluation.get(f"{key}_accuracy") is not None]
+    if not protocols:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    x = np.arange(len(pairs))
-    ax.bar(x - 0.2, [p[1] for p in pairs], 0.4, label="pretrained", color="#2b8cbe")
-    ax.bar(x + 0.2, [p[2] or 0.0 for p in pairs], 0.4, label="random init", color="#bdbdbd")
-    for i, p in enumerate(pairs):
-        ax.text(i - 0.2, p[1] + 0.01, f"{p[1]:.2f}", ha="center", fontsize=8)
-        if p[2] is not None:
-            ax.text(i + 0.2, p[2] + 0.01, f"{p[2]:.2f}", ha="center", fontsize=8)
-    ax.set_xticks(x, [p[0] for p in pairs])
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    width = 0.8 / len(EVAL_SUBJECTS)
+    for j, (label, prefix, color) in enumerate(EVAL_SUBJECTS):
+        offset = (j - (len(EVAL_SUBJECTS) - 1) / 2) * width
+        for i, (_, key) in enumerate(protocols):
+            value = evaluation.get(f"{prefix}{key}_accuracy")
+            if value is None:
+                continue
+            ax.bar(i + offset, value, width, color=color, label=label)
+            ax.text(i + offset, value + 0.01, f"{value:.2f}", ha="center", fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one legend entry per subject, not per bar
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set_xticks(np.arange(len(protocols)), [name for name, _ in protocols])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
-    ax.set_title("Frozen-encoder evaluation")
+    ax.set_title("Evaluation: pretrained vs random init vs raw pixels")
     return _png(fig)
+
+
+def evaluation_lines(e: dict[str, Any]) -> list[str]:
+    """One Markdown line per protocol: pretrained, then its random init and the raw pixels."""
+    lines = []
+    for name, key in EVAL_PROTOCOLS:
+        if e.get(f"{key}_accuracy") is None:
+            continue
+        baselines = [
+            f"{label} {e[f'{prefix}{key}_accuracy']:.3f}"
+            for label, prefix, _ in EVAL_SUBJECTS[1:]
+            if e.get(f"{prefix}{key}_accuracy") is not None
+        ]
+        suffix = f" ({', '.join(baselines)})" if baselines else ""
+        lines.append(f"- {name} accuracy: {e[f'{key}_accuracy']:.3f}{suffix}")
+    if e.get("pixel_knn_accuracy") is not None and "knn_accuracy" in e:
+        beaten = [
+            name
+            for name, key in EVAL_PROTOCOLS[:2]
+            if e.get(f"{key}_accuracy", 0) > e.get(f"pixel_{key}_accuracy", 1)
+        ]
+        lines.append(
+            "- against raw pixels: the encoder beats them on " + " and ".join(beaten)
+            if beaten
+            else "- against raw pixels: the encoder's features do not beat the pixels on kNN or the linear probe"
+        )
+    if "labels" in e or "test" in e:
+        lines.append(
+            f"- evaluation labels: {e.get('labels', 'folder names')}; test split: {e.get('test', 'holdout')}"
+        )
+    return lines
 
 
 def summary_lines(art: RunArtifacts) -> list[str]:
@@ -206,15 +253,7 @@ def summary_lines(art: RunArtifacts) -> list[str]:
         lines.append(
             f"- pretraining loss: {loss.iloc[0]:.4f} → {loss.iloc[-1]:.4f} over {int(art.metrics['step'].iloc[-1])} steps"
         )
-    e = art.evaluation
-    if "knn_accuracy" in e:
-        lines.append(
-            f"- kNN accuracy: {e['knn_accuracy']:.3f} (random init {e.get('random_knn_accuracy', float('nan')):.3f})"
-        )
-    if "probe_accuracy" in e:
-        lines.append(
-            f"- linear-probe accuracy: {e['probe_accuracy']:.3f} (random init {e.get('random_probe_accuracy', float('nan')):.3f})"
-        )
+    lines += evaluation_lines(art.evaluation)
     if "seconds" in s:
         lines.append(f"- wall time: {s['seconds']:.0f} s")
     return lines

@@ -6,7 +6,7 @@
         checkpoints/         Ray Train checkpoints (rerunning the same run_id resumes from the latest)
         encoder.pth          the pretrained encoder, timm ViT keys
         metrics.jsonl        one JSON line per reported training step
-        evaluation.json      kNN / linear-probe accuracy, pretrained and random init
+        evaluation.json      kNN / linear-probe / fine-tune accuracy: pretrained, random init, raw pixels
         summary.json         the numbers printed at the end
         report/              PNG plots, index.html, summary.md
     <output>/runs/latest     the URL of the newest finished run (for `--previous latest`)
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +29,11 @@ import pandas as pd
 import yaml
 
 from pipeline.core.config import Config, dump_config
-from pipeline.core.storage import atomic_write_bytes, exists, join, read_bytes
+from pipeline.core.runs import LATEST, publish, published_run, run_dir_for
+from pipeline.core.storage import absolute_url, atomic_write_bytes, exists, join, read_bytes
 from pipeline.curate import CurateResult, Progress, curate, new_run_id
 
 log = logging.getLogger(__name__)
-
-LATEST = "latest"
 
 
 @dataclass
@@ -47,14 +45,11 @@ class RunResult:
 
 
 def resolve_previous(output: str, previous: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """`latest` → the run dir recorded in `<output>/runs/latest` (None when there is none); else as given,
+    """`latest` → the run dir published in `<output>/runs/latest` (None when there is none); else as given,
     a relative local path made absolute (Train workers, which load its encoder, run in other folders)."""
     if previous != LATEST:
-        return previous.rstrip("/") if "://" in previous else os.path.abspath(os.path.expanduser(previous))
-    pointer = join(output, "runs", LATEST)
-    if not exists(pointer, storage_options):
-        return None
-    return read_bytes(pointer, storage_options).decode().strip()
+        return previous.rstrip("/") if "://" in previous else absolute_url(previous)
+    return published_run(output, storage_options)
 
 
 def score_cache_url(config: Config, previous_dir: str | None) -> str:
@@ -102,7 +97,7 @@ def run_pipeline(
     start = time.perf_counter()
     so = config.data.storage_options
     run_id = config.run_id or new_run_id()
-    run_dir = join(config.output, "runs", run_id)
+    run_dir = run_dir_for(config.output, run_id)
     previous_dir = resolve_previous(config.output, previous, so) if previous else None
     updates: dict[str, Any] = {
         "run_id": run_id,
@@ -116,7 +111,7 @@ def run_pipeline(
     atomic_write_bytes(join(run_dir, "config.yaml"), dump_config(config).encode(), so)
     log.info("run %s → %s", run_id, run_dir)
 
-    curated = curate(config, progress=progress, output=run_dir)
+    curated = curate(config, progress=progress, run_dir=run_dir)
     summary: dict[str, Any] = {
         "run_id": run_id,
         "run_dir": run_dir,
@@ -149,8 +144,10 @@ def run_pipeline(
         if "evaluate" in stages:
             from pipeline.evaluate import evaluate_encoder
 
-            # Frozen-encoder kNN / linear probe on the input's labeled images, next to a random init.
-            evaluation = evaluate_encoder(join(run_dir, "encoder.pth"), config.data.input, config).as_dict()
+            # kNN / linear probe / fine-tune on labeled images (evaluate.data, else the input, with its demo
+            # truth when it has one), next to a random init and the raw pixels
+            data = config.evaluate.data or config.data.input
+            evaluation = evaluate_encoder(join(run_dir, "encoder.pth"), data, config).as_dict()
             atomic_write_bytes(
                 join(run_dir, "evaluation.json"), json.dumps(evaluation, indent=2).encode(), so
             )
@@ -163,5 +160,5 @@ def run_pipeline(
 
         report_url = write_report(run_dir, so)
         summary["report"] = join(report_url, "index.html")
-    atomic_write_bytes(join(config.output, "runs", LATEST), run_dir.encode(), so)
+    publish(config.output, run_dir, so)  # the one write that makes this run the latest
     return RunResult(run_dir=run_dir, curate=curated, summary=summary, report_url=report_url)

@@ -26,9 +26,18 @@ def demo_data(
     output: Annotated[str, typer.Argument(help="Where to write the image folder (path or fsspec URL).")],
     noise: Annotated[float, typer.Option(help="Fraction of images moved to a wrong class folder.")] = 0.0,
     bad: Annotated[int, typer.Option(help="Number of bad files to add (empty, truncated, bombs, ...).")] = 0,
-    classes: Annotated[str, typer.Option(help="Comma-separated sources: digits, shapes, photos.")] = "digits",
-    per_class: Annotated[int, typer.Option(help="Images per class.")] = 200,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
+    classes: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated sources: digits, shapes, photos; or fashion (Fashion-MNIST's real images, "
+            "from `apt-get install dataset-fashion-mnist`)."
+        ),
+    ] = "digits",
+    per_class: Annotated[int, typer.Option(help="Images per class (fashion: at most this many).")] = 200,
+    size: Annotated[
+        int | None, typer.Option(help="Image side in pixels (default 32; fashion: its own 28).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="fashion: the official train or test split.")] = "train",
     image_format: Annotated[str, typer.Option("--format", help="png, jpg or mixed.")] = "mixed",
     seed: Annotated[int, typer.Option(help="Random seed (the output is deterministic).")] = 0,
     config: ConfigOption = None,
@@ -36,7 +45,8 @@ def demo_data(
     verbose: VerboseOption = False,
 ) -> None:
     """Write a labeled demo image folder (<class>/<file>) made offline, with optional label noise and bad
-    files; the truth goes to _truth.parquet and _bad.parquet beside it."""
+    files; the truth goes to _truth.parquet and _bad.parquet beside it. `--classes fashion --split test`
+    writes Fashion-MNIST's official test images, to evaluate on (`evaluate.test_data`)."""
     from pipeline.demo_data import DemoSpec, write_demo_data
 
     with command_context(verbose):
@@ -49,6 +59,7 @@ def demo_data(
             bad=bad,
             image_format=image_format,
             seed=seed,
+            split=split,
         )
         result = write_demo_data(output, spec, cfg.data.storage_options)
     console.print(
@@ -121,7 +132,11 @@ def curate(
         check_readable(cfg.data.input, cfg.data.storage_options)
         with ray_session(cfg.ray), progress_display() as progress:
             result = run_curate(cfg, progress=progress)  # type: ignore[arg-type]
-        outputs = {"manifest": result.manifest_url, "quarantine": result.quarantine_url}
+        outputs = {
+            "manifest": result.manifest_url,
+            "quarantine": result.quarantine_url,
+            "run_dir": result.run_dir,
+        }
         write_result(
             cfg.output,
             {"command": "curate", "run_id": result.run_id, "outputs": outputs},

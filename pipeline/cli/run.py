@@ -38,6 +38,21 @@ def _ensure_demo_data(url: str, storage_options: dict) -> None:
     write_demo_data(url, DemoSpec(**DEMO_SPEC), storage_options)
 
 
+def _accuracy(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "-"
+
+
+def evaluation_rows(summary: dict) -> list[tuple[str, str]]:
+    """A header row, then one row per protocol: pretrained / random init / raw pixels, so the encoder is
+    read against both baselines (raw pixels have no fine-tune: "-")."""
+    rows = []
+    for protocol, key in (("kNN", "knn"), ("linear probe", "probe"), ("fine-tune", "finetune")):
+        if f"{key}_accuracy" in summary:
+            values = (summary.get(f"{prefix}{key}_accuracy") for prefix in ("", "random_", "pixel_"))
+            rows.append((f"  {protocol}", " / ".join(map(_accuracy, values))))
+    return [("accuracy", "pretrained / random init / raw pixels"), *rows] if rows else []
+
+
 def print_run_summary(summary: dict) -> None:
     table = Table(title=f"maskdiet run {summary.get('run_id', '')}", show_header=False)
     table.add_column("what")
@@ -61,20 +76,7 @@ def print_run_summary(summary: dict) -> None:
                 f"{loss_change(summary['first_loss'], summary['final_loss'])} ({summary['steps']} steps)",
             )
         )
-    if "knn_accuracy" in summary:
-        rows.append(
-            (
-                "kNN accuracy (random init)",
-                f"{summary['knn_accuracy']:.3f} ({summary.get('random_knn_accuracy', float('nan')):.3f})",
-            )
-        )
-    if "probe_accuracy" in summary:
-        rows.append(
-            (
-                "linear probe (random init)",
-                f"{summary['probe_accuracy']:.3f} ({summary.get('random_probe_accuracy', float('nan')):.3f})",
-            )
-        )
+    rows += evaluation_rows(summary)
     rows.append(("wall time", f"{summary.get('seconds', 0):.0f} s"))
     for what, value in rows:
         table.add_row(what, str(value))
@@ -142,15 +144,20 @@ def run(
 
 @app.command()
 def report(
-    run_dir: Annotated[str, typer.Argument(help="A run directory (OUTPUT/runs/<run_id>).")],
+    run_dir: Annotated[
+        str,
+        typer.Argument(help="A run directory (OUTPUT/runs/<run_id>), or an output folder: its latest run."),
+    ],
     config: ConfigOption = None,
     set_: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Write plots, index.html and summary.md for a run directory into RUN_DIR/report/."""
+    from pipeline.core.runs import resolve_run
     from pipeline.report import write_report
 
     with command_context(verbose):
         cfg = make_config(config, set_)
-        url = write_report(run_dir, cfg.data.storage_options)
+        so = cfg.data.storage_options
+        url = write_report(resolve_run(run_dir, so), so)
     console.print(f"report: {url}/index.html")

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.common import (
+    ConfigError,
     ConfigOption,
     SetOption,
     VerboseOption,
@@ -22,7 +23,14 @@ from pipeline.cli.common import (
 
 @app.command()
 def pretrain(
-    manifest: Annotated[str, typer.Option("--manifest", "-m", help="manifest.parquet URL (its kept rows).")],
+    manifest: Annotated[
+        str,
+        typer.Option(
+            "--manifest",
+            "-m",
+            help="manifest.parquet URL (its kept rows), or a curate/run output folder: its latest run's manifest.",
+        ),
+    ],
     output: Annotated[
         str | None, typer.Option("--output", "-o", help="Where checkpoints/, encoder.pth, metrics go.")
     ] = None,
@@ -42,16 +50,20 @@ def pretrain(
     """Pretrain a masked autoencoder on the manifest's kept images with Ray Train (streamed from storage);
     write OUTPUT/encoder.pth (timm ViT keys), OUTPUT/metrics.jsonl and OUTPUT/checkpoints/."""
     from pipeline.core.results import write_result
+    from pipeline.core.runs import resolve_run
     from pipeline.core.runtime import ray_session
-    from pipeline.core.storage import check_readable
+    from pipeline.core.storage import check_readable, join
     from pipeline.models.mae import size_of
     from pipeline.ops.jobs import current_submission_id
     from pipeline.train import pretrain as run_pretrain
+    from stages.manifest import MANIFEST_NAME
 
     with command_context(verbose):
         cfg = make_config(config, set_, output=output, pretrain__steps=steps, pretrain__num_workers=workers)
         size_of(cfg)  # before Ray starts
         check_readable(manifest, cfg.data.storage_options)
+        if not manifest.endswith(".parquet"):  # a folder: the manifest of the run it publishes
+            manifest = join(resolve_run(manifest, cfg.data.storage_options), MANIFEST_NAME)
         name = run_name or current_submission_id() or "pretrain"
         with ray_session(cfg.ray), progress_display() as progress:
             result = run_pretrain(cfg, manifest, cfg.output, run_name=name, progress=progress)  # type: ignore[arg-type]
@@ -88,23 +100,59 @@ def evaluate(
     checkpoint: Annotated[
         str, typer.Option("--checkpoint", help="encoder.pth, a pretrain output folder or a checkpoint.")
     ],
-    data: Annotated[str, typer.Option("--data", help="Labeled image folder (<class>/<file>) or manifest.")],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Labeled image folder (<class>/<file>) or manifest; default evaluate.data, then data.input. "
+            "Demo truth (_truth.parquet) beside the images gives the true labels.",
+        ),
+    ] = None,
+    test_data: Annotated[
+        str | None,
+        typer.Option(
+            "--test-data",
+            help="A separate labeled test folder, e.g. an official test split (evaluate.test_data).",
+        ),
+    ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Frozen-encoder kNN and linear-probe accuracy on a labeled split, beside a randomly initialised
-    encoder of the same size."""
+    """kNN, linear-probe and fine-tune accuracy of the encoder on a labeled split, beside the same
+    architecture at its random initialisation and the raw pixels (kNN and probe)."""
     from pipeline.evaluate import evaluate_encoder
 
     with command_context(verbose):
-        cfg = make_config(config, set_)
-        with console.status("extracting features and fitting probes ..."):
-            result = evaluate_encoder(checkpoint, data, cfg)
-    table = Table(title=f"evaluate {result.model} ({result.num_train} train / {result.num_test} test)")
-    table.add_column("encoder")
-    table.add_column(f"kNN (k={cfg.evaluate.knn_k})", justify="right")
+        cfg = make_config(config, set_, evaluate__test_data=test_data)
+        url = data or cfg.evaluate.data or cfg.data.input
+        if not url:
+            raise ConfigError("no labeled images: pass --data URL or set evaluate.data")
+        with console.status("extracting features, fitting probes and fine-tuning ..."):
+            result = evaluate_encoder(checkpoint, url, cfg)
+    print_evaluation(result.as_dict(), cfg.evaluate.knn_k)
+
+
+def _accuracy(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "-"
+
+
+def print_evaluation(evaluation: dict, knn_k: int) -> None:
+    """One row per representation (pretrained, random init, raw pixels), one column per protocol."""
+    title = (
+        f"evaluate {evaluation['model']} ({evaluation['num_train']} train / {evaluation['num_test']} test, "
+        f"{evaluation.get('test', 'holdout')}; labels: {evaluation.get('labels', 'folder names')})"
+    )
+    table = Table(title=title)
+    table.add_column("representation")
+    table.add_column(f"kNN (k={knn_k})", justify="right")
     table.add_column("linear probe", justify="right")
-    table.add_row("pretrained", f"{result.knn_accuracy:.3f}", f"{result.probe_accuracy:.3f}")
-    table.add_row("random init", f"{result.random_knn_accuracy:.3f}", f"{result.random_probe_accuracy:.3f}")
+    table.add_column("fine-tune", justify="right")
+    for name, prefix in (("pretrained", ""), ("random init", "random_"), ("raw pixels", "pixel_")):
+        table.add_row(
+            name,
+            _accuracy(evaluation.get(f"{prefix}knn_accuracy")),
+            _accuracy(evaluation.get(f"{prefix}probe_accuracy")),
+            _accuracy(evaluation.get(f"{prefix}finetune_accuracy")),
+        )
     console.print(table)

@@ -158,6 +158,17 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(256, gt=0)  # images per feature-extraction batch
     probe_batch_size: int = Field(256, gt=0)  # linear probe minibatch
     seed: int = 0
+    # labeled images the probes learn from (and split, without test_data); None: data.input (`maskdiet run`)
+    # or --data (`maskdiet evaluate`). A folder with demo truth (_truth.parquet) is read with its true labels
+    data: str | None = None
+    test_data: str | None = None  # separate labeled test folder (an official test split); None: holdout
+    # end-to-end fine-tune of encoder + linear head; 0: off. 1 costs about one forward + backward pass per
+    # image per encoder (~7 s each for the demo's 1,400 on 2 cores) and is far from converged: on the demo
+    # 1 epoch gave 0.23, 2 gave 0.37, 5 gave 0.60 (probe 0.55); raise it to compare encoders by fine-tuning
+    finetune_epochs: int = Field(1, ge=0)
+    finetune_lr: float = Field(1e-3, gt=0.0)  # AdamW peak lr of the head (top layer), cosine after warmup
+    finetune_layer_decay: float = Field(0.75, gt=0.0, le=1.0)  # MAE's layer-wise lr decay toward the input
+    finetune_batch_size: int = Field(16, gt=0)  # small: more steps for the same compute in a short fine-tune
 
 
 class TuneConfig(_Section):

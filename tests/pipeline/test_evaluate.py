@@ -1,5 +1,5 @@
-"""Frozen-encoder evaluation: weighted kNN, linear probe, architecture from a state dict, and a pretrained
-encoder beating its random initialisation on the demo digits."""
+"""Evaluation: weighted kNN, linear probe, fine-tune, the raw-pixel baseline, architecture from a state dict,
+labels from demo truth (never the injected noise) and a separate test folder."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import torch
 from pipeline.core.config import load_config
 from pipeline.evaluate import (
     evaluate_encoder,
+    finetune_accuracy,
     knn_accuracy,
     linear_probe_accuracy,
+    pixel_features,
     split_indices,
 )
 from pipeline.models.checkpoint import export_encoder, read_encoder_state, size_from_state
@@ -84,9 +86,15 @@ def test_evaluate_command_reports_pretrained_and_random_init(tmp_path) -> None:
     config = load_config(overrides=["evaluate.probe_epochs=5", "evaluate.knn_k=5"])
     result = evaluate_encoder(str(tmp_path / "out"), str(images), config)
     assert (result.num_train, result.num_test, result.num_classes) == (42, 18, 10)  # bad files skipped
-    for value in (result.knn_accuracy, result.probe_accuracy, result.random_knn_accuracy):
-        assert 0.0 <= value <= 1.0
+    keys = list(result.as_dict())
+    assert keys[:8] == [
+        *("knn_accuracy", "probe_accuracy", "random_knn_accuracy", "random_probe_accuracy"),
+        *("pixel_knn_accuracy", "pixel_probe_accuracy", "finetune_accuracy", "random_finetune_accuracy"),
+    ]
+    for key in keys[:8]:
+        assert 0.0 <= result.as_dict()[key] <= 1.0, key
     assert result.feature_dim == 64 and result.model == "vit_tiny_patch16_224"
+    assert result.labels == "demo truth" and result.test == "holdout 0.3"
 
     out = CliRunner().invoke(
         app,
@@ -96,7 +104,8 @@ def test_evaluate_command_reports_pretrained_and_random_init(tmp_path) -> None:
         ],
     )
     assert out.exit_code == 0, out.output
-    assert "pretrained" in out.output and "random init" in out.output
+    for row in ("pretrained", "random init", "raw pixels", "fine-tune"):
+        assert row in out.output, out.output
     missing = CliRunner().invoke(
         app, ["evaluate", "--checkpoint", str(tmp_path / "nope"), "--data", str(images)]
     )
@@ -140,3 +149,102 @@ def test_labeled_images_skip_bad_files_and_keep_labels_aligned(tmp_path) -> None
         path.write_bytes(b"\x89PNG broken")
     with pytest.raises(ValueError, match="no decodable labeled images"):
         load_labeled(str(folder), config, 8)
+
+
+def _bar_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two easy classes of 32 px images: a bright vertical or horizontal bar at a random place, on noise."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(2 * n_per_class, 32, 32, 3), dtype=np.uint8)
+    labels = np.repeat([0, 1], n_per_class)
+    for i, label in enumerate(labels):
+        at = rng.integers(4, 24)
+        if label == 0:
+            images[i, :, at : at + 6] = 230
+        else:
+            images[i, at : at + 6, :] = 230
+    return images, labels
+
+
+def test_pixel_baseline_separates_what_pixels_separate() -> None:
+    """Flattened normalised pixels: one row per image, the encoder's input normalisation, and kNN on them
+    is near perfect on images that differ in pixel space (two colours)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    colours = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220]], dtype=np.int16)
+    images = np.clip(colours[labels][:, None, None, :] + rng.integers(-40, 40, (120, 16, 16, 3)), 0, 255)
+    features = pixel_features(images.astype(np.uint8))
+    assert features.shape == (120, 16 * 16 * 3)
+    assert float(features[0, 0]) == pytest.approx((images[0, 0, 0, 0] / 255 - 0.485) / 0.229, abs=1e-5)
+    train, test = split_indices(120, 0.3, seed=0)
+    y = torch.from_numpy(labels)
+    assert knn_accuracy(features[train], y[train], features[test], y[test], k=5) > 0.95
+
+
+def test_knn_in_chunks_equals_knn_at_once() -> None:
+    x, y = _clusters(30, 4, 8, 2.0, seed=3)
+    tx, ty = _clusters(25, 4, 8, 2.0, seed=4)
+    assert knn_accuracy(x, y, tx, ty, k=7) == knn_accuracy(x, y, tx, ty, k=7, chunk=9)
+
+
+def test_finetune_learns_an_easy_task_and_leaves_the_encoder_alone() -> None:
+    images, labels = _bar_images(48, seed=0)
+    train, test = split_indices(len(images), 0.25, seed=0)
+    y = torch.from_numpy(labels)
+    torch.manual_seed(0)
+    encoder = build_mae("mae_vit_micro_patch4")
+    encoder.eval()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    acc = finetune_accuracy(
+        encoder, images[train], y[train], images[test], y[test], epochs=6, lr=3e-3, batch=16, seed=0
+    )
+    assert acc > 0.75  # chance is 0.5
+    after = encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not encoder.training  # the copy was trained, not this one
+
+
+def test_finetune_param_groups_decay_the_lr_toward_the_input() -> None:
+    from pipeline.evaluate import finetune_param_groups
+
+    encoder = build_mae("mae_vit_micro_patch4")  # 2 blocks: layers 0 (embeddings), 1, 2, 3 (final norm)
+    head = torch.nn.Linear(64, 3)
+    groups = finetune_param_groups(encoder, head, lr=1.0, layer_decay=0.5)
+    lrs = sorted({g["lr"] for g in groups})
+    assert lrs == [0.125, 0.25, 0.5, 1.0]
+    params = {id(p) for g in groups for p in g["params"]}
+    assert id(head.weight) in params and id(encoder.patch_embed.proj.weight) in params
+    assert id(encoder.pos_embed) not in params  # fixed sin-cos
+    assert not any(id(p) in params for p in encoder.decoder_embed.parameters())
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(encoder.cls_token) in no_decay and id(head.bias) in no_decay and id(head.weight) not in no_decay
+
+
+def test_labels_come_from_demo_truth_not_the_noisy_folders(tmp_path) -> None:
+    """Half the images sit in a wrong class folder; evaluation reads their true class from _truth.parquet,
+    and a test folder given apart is the test split, indexed by the same class names."""
+    import pandas as pd
+
+    from pipeline.demo_data import DemoSpec, write_demo_data
+    from pipeline.evaluate import load_labeled, load_split
+
+    noisy, clean = tmp_path / "noisy", tmp_path / "clean"
+    write_demo_data(str(noisy), DemoSpec(sources=("shapes",), per_class=6, noise=0.5, seed=1))
+    write_demo_data(str(clean), DemoSpec(sources=("shapes",), per_class=3, seed=2))
+    truth = pd.read_parquet(noisy / "_truth.parquet").sort_values("path")
+    assert truth["noisy"].sum() > 5
+    config = load_config()
+    _, labels = load_labeled(str(noisy), config, 16)
+    assert labels.tolist() == truth["true_label"].tolist()  # not given_label
+
+    moved = tmp_path / "moved"  # truth rows are matched by <class>/<file>, wherever the folder now is
+    noisy.rename(moved)
+    split = load_split(str(moved), load_config(overrides=[f"evaluate.test_data={clean}"]), 16)
+    assert split.labels == "demo truth" and split.test == str(clean)
+    assert (len(split.train_labels), len(split.test_labels)) == (36, 18)
+    assert sorted(split.train_labels.tolist()) == sorted(truth["true_label"].tolist())
+    assert split.classes == sorted(["circle", "square", "triangle", "cross", "ring", "stripes"])
+    assert np.bincount(split.test_labels).tolist() == [3] * 6
+
+    (moved / "_truth.parquet").unlink()  # without truth: the folder names, noise and all
+    _, folder_labels = load_labeled(str(moved), config, 16)
+    assert folder_labels.tolist() == truth["given_label"].tolist()

@@ -43,6 +43,10 @@ def make_run_dir(demo_folder: Path, run_dir: Path) -> pd.DataFrame:
                 "random_knn_accuracy": 0.3,
                 "probe_accuracy": 0.7,
                 "random_probe_accuracy": 0.2,
+                "pixel_knn_accuracy": 0.75,
+                "pixel_probe_accuracy": 0.6,
+                "finetune_accuracy": 0.9,
+                "random_finetune_accuracy": 0.4,
             }
         )
     )
@@ -62,6 +66,38 @@ def test_report_writes_every_plot(demo_folder: Path, tmp_path: Path) -> None:
     kept = int(manifest["kept"].sum())
     assert f"kept {kept}, pruned {len(manifest) - kept}" in summary
     assert "quarantined: 1 (empty 1)" in summary
+    assert "kNN accuracy: 0.800 (random init 0.300, raw pixels 0.750)" in summary
+    assert "fine-tune accuracy: 0.900 (random init 0.400)" in summary
+    assert "raw pixels 0.750" in page
+
+
+def test_evaluation_lines_say_when_the_pixels_win() -> None:
+    """The raw-pixel baseline is stated, and an encoder that loses to it is called out, not hidden."""
+    from pipeline.report import evaluation_lines, plot_evaluation
+
+    losing = {
+        "knn_accuracy": 0.21,
+        "probe_accuracy": 0.5,
+        "random_knn_accuracy": 0.15,
+        "random_probe_accuracy": 0.37,
+        "pixel_knn_accuracy": 0.77,
+        "pixel_probe_accuracy": 0.55,
+        "finetune_accuracy": None,  # evaluate.finetune_epochs=0
+        "random_finetune_accuracy": None,
+    }
+    lines = evaluation_lines(losing)
+    assert lines[0] == "- kNN accuracy: 0.210 (random init 0.150, raw pixels 0.770)"
+    assert not any(line.startswith("- fine-tune") for line in lines)
+    assert any("do not beat the pixels" in line for line in lines)
+    assert "beats them on kNN" in evaluation_lines({**losing, "knn_accuracy": 0.8})[-1]
+    assert plot_evaluation(losing) is not None
+    # an evaluation.json from before the pixel baseline still renders
+    old = {k: v for k, v in losing.items() if not k.startswith(("pixel_", "finetune", "random_finetune"))}
+    assert evaluation_lines(old) == [
+        "- kNN accuracy: 0.210 (random init 0.150)",
+        "- linear probe accuracy: 0.500 (random init 0.370)",
+    ]
+    assert plot_evaluation(old) is not None and plot_evaluation({}) is None
 
 
 def test_missing_parts_are_skipped_not_fatal(tmp_path: Path) -> None:

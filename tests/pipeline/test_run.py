@@ -67,6 +67,19 @@ def test_demo_from_a_clean_folder(ray_cluster: None, tmp_path: Path, monkeypatch
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["knn_accuracy"] > evaluation["random_knn_accuracy"] + 0.03, evaluation
     assert evaluation["probe_accuracy"] > evaluation["random_probe_accuracy"] + 0.03, evaluation
+    # the baselines beside it: raw pixels (kNN, probe) and a short fine-tune, on the true labels
+    baselines = [
+        "pixel_knn_accuracy",
+        "pixel_probe_accuracy",
+        "finetune_accuracy",
+        "random_finetune_accuracy",
+    ]
+    assert list(evaluation)[4:8] == baselines, evaluation
+    assert all(0.0 <= evaluation[key] <= 1.0 and summary[key] == evaluation[key] for key in baselines)
+    assert evaluation["finetune_accuracy"] > evaluation["random_finetune_accuracy"], evaluation
+    assert evaluation["labels"] == "demo truth", evaluation  # never the noisy folder labels
+    assert "raw pixels" in result.output
+    assert "raw pixels" in (run_dir / "report" / "index.html").read_text()
 
 
 def add_images(fs: s3fs.S3FileSystem, folder: str, count: int) -> None:
