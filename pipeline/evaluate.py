@@ -5,7 +5,7 @@
 The encoder (`encoder.pth`, timm ViT keys) is loaded into our MAE's encoder and turned into one feature per
 image (`evaluate.pool`: the CLS token or the mean of the patch tokens, after the final norm). Its `encode`
 computes timm's `VisionTransformer.forward_features` on the same weights (tested in
-tests/pipeline/test_mae.py), without importing timm, which costs about 5 s on 2 cores. The labeled images
+tests/pipeline/models/test_mae.py), without importing timm, which costs about 5 s on 2 cores. The labeled images
 are split once (seeded, `evaluate.holdout` to test), or the test images come from `evaluate.test_data` (an
 official test split); every protocol uses the same split:
 

@@ -167,73 +167,84 @@ def export_manifest(
     }
     if namespace:
         meta["namespace"] = namespace
-    docs: list[dict[str, Any]] = []
-    if fmt in ("rayjob", "raycronjob"):
-        spec, config_map = rayjob_spec(schedule, image)
-        if config_map:
-            docs.append(config_map)
-        if fmt == "rayjob":
-            docs.append({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": spec})
-        else:
-            docs.append(
-                {
-                    "apiVersion": "ray.io/v1",
-                    "kind": "RayCronJob",
-                    "metadata": meta,
-                    "spec": {"schedule": schedule.cron, "jobTemplate": spec},
-                }
-            )
+    if fmt == "k8s-cronjob":
+        docs = [_k8s_cronjob(schedule, meta, image, state_url)]
     else:
-        if not state_url or "://" not in state_url:
-            raise ScheduleError(
-                "a k8s-cronjob needs the schedule state in object storage (the pod has no disk that lasts): "
-                "pass --state s3://bucket/maskdiet/schedules.json"
-            )
-        if schedule.address:
-            raise ScheduleError(
-                f"schedule {schedule.name} stores --address {schedule.address}, which would win over the "
-                f"CronJob's in-cluster head service ({CLUSTER_NAME}-head-svc): add it again without --address"
-            )
-        if "://" not in schedule.config:
-            raise ScheduleError(
-                f"a k8s-cronjob's pod submits the schedule's config, and {schedule.config} is a local file it "
-                "does not have: add the schedule with --config s3://bucket/config.yaml (or export a raycronjob, "
-                "which ships the file in a ConfigMap)"
-            )
-        policy = {"skip": "Forbid", "queue": "Forbid", "replace": "Replace"}[schedule.concurrency]
-        container = {
-            "name": "run-due",
-            "image": image,
-            "command": ["maskdiet", "schedule", "run-due", "--state", state_url, "--only", schedule.name],
-            "env": [
-                {"name": "RAY_API_SERVER_ADDRESS", "value": f"http://{CLUSTER_NAME}-head-svc:8265"},
-                {
-                    "name": "RAY_AUTH_TOKEN",
-                    "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": "auth_token"}},
-                },
-            ],
-            "envFrom": [{"secretRef": {"name": S3_SECRET, "optional": True}}],
-            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-        }
-        docs.append(
-            {
-                "apiVersion": "batch/v1",
-                "kind": "CronJob",
-                "metadata": meta,
-                "spec": {
-                    "schedule": schedule.cron,
-                    "timeZone": "Etc/UTC",
-                    "concurrencyPolicy": policy,
-                    "startingDeadlineSeconds": 3600,
-                    "successfulJobsHistoryLimit": 3,
-                    "failedJobsHistoryLimit": 3,
-                    "jobTemplate": {
-                        "spec": {
-                            "backoffLimit": 2,
-                            "template": {"spec": {"restartPolicy": "OnFailure", "containers": [container]}},
-                        }
-                    },
-                },
-            }
-        )
+        docs = _ray_jobs(schedule, meta, image, cron=fmt == "raycronjob")
     return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def _ray_jobs(schedule: Schedule, meta: dict[str, Any], image: str, cron: bool) -> list[dict[str, Any]]:
+    """A RayJob (one run now) or a RayCronJob (KubeRay creates a RayJob on each slot), after the ConfigMap
+    that ships a local config file, when there is one."""
+    spec, config_map = rayjob_spec(schedule, image)
+    docs = [config_map] if config_map else []
+    if cron:
+        job = {"kind": "RayCronJob", "spec": {"schedule": schedule.cron, "jobTemplate": spec}}
+    else:
+        job = {"kind": "RayJob", "spec": spec}
+    docs.append({"apiVersion": "ray.io/v1", "kind": job["kind"], "metadata": meta, "spec": job["spec"]})
+    return docs
+
+
+def _check_k8s_cronjob(schedule: Schedule, state_url: str | None) -> str:
+    """What a CronJob's pod needs that a laptop does not: state and config in object storage, and no stored
+    address (the in-cluster head service must win). Returns the state URL."""
+    if not state_url or "://" not in state_url:
+        raise ScheduleError(
+            "a k8s-cronjob needs the schedule state in object storage (the pod has no disk that lasts): "
+            "pass --state s3://bucket/maskdiet/schedules.json"
+        )
+    if schedule.address:
+        raise ScheduleError(
+            f"schedule {schedule.name} stores --address {schedule.address}, which would win over the "
+            f"CronJob's in-cluster head service ({CLUSTER_NAME}-head-svc): add it again without --address"
+        )
+    if "://" not in schedule.config:
+        raise ScheduleError(
+            f"a k8s-cronjob's pod submits the schedule's config, and {schedule.config} is a local file it "
+            "does not have: add the schedule with --config s3://bucket/config.yaml (or export a raycronjob, "
+            "which ships the file in a ConfigMap)"
+        )
+    return state_url
+
+
+def _k8s_cronjob(
+    schedule: Schedule, meta: dict[str, Any], image: str, state_url: str | None
+) -> dict[str, Any]:
+    """A plain CronJob running `maskdiet schedule run-due --only NAME` against the long-lived RayCluster."""
+    state_url = _check_k8s_cronjob(schedule, state_url)
+    policy = {"skip": "Forbid", "queue": "Forbid", "replace": "Replace"}[schedule.concurrency]
+    container = {
+        "name": "run-due",
+        "image": image,
+        "command": ["maskdiet", "schedule", "run-due", "--state", state_url, "--only", schedule.name],
+        "env": [
+            {"name": "RAY_API_SERVER_ADDRESS", "value": f"http://{CLUSTER_NAME}-head-svc:8265"},
+            {
+                "name": "RAY_AUTH_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": "auth_token"}},
+            },
+        ],
+        "envFrom": [{"secretRef": {"name": S3_SECRET, "optional": True}}],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": meta,
+        "spec": {
+            "schedule": schedule.cron,
+            "timeZone": "Etc/UTC",
+            "concurrencyPolicy": policy,
+            "startingDeadlineSeconds": 3600,
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {
+                "spec": {
+                    "backoffLimit": 2,
+                    "template": {"spec": {"restartPolicy": "OnFailure", "containers": [container]}},
+                }
+            },
+        },
+    }

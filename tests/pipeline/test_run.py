@@ -17,17 +17,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from tests.tiny import TINY_RUN, as_sets
 
+# the demo's own pretraining, with its proxy CNNs cut short (2 models for 2 epochs)
 FAST_CURATE = ["--set", "score.num_models=2", "--set", "score.epochs=2"]
-FAST = [
-    *FAST_CURATE,
-    "--set", "pretrain.steps=10",
-    "--set", "pretrain.batch_size=16",
-    "--set", "pretrain.eval_every=5",
-    "--set", "pretrain.log_every=5",
-    "--set", "pretrain.val_images=16",
-    "--set", "evaluate.probe_epochs=3",
-]  # fmt: skip
+FAST = as_sets(TINY_RUN)
 
 runner = CliRunner()
 

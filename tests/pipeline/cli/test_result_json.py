@@ -2,7 +2,7 @@
 
 The flows are replaced by stand-ins returning their real result types, so these tests check only the
 command's contract (which file, which run id, which outputs) in a second; the real curate job in
-tests/pipeline/test_jobs.py checks the whole trip through a Ray cluster.
+tests/pipeline/ops/test_jobs.py checks the whole trip through a Ray cluster.
 """
 
 from __future__ import annotations

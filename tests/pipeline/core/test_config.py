@@ -65,10 +65,10 @@ def test_secrets_are_redacted() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", sorted(p.name for p in (Path(__file__).parents[2] / "examples").glob("*.yaml"))
+    "name", sorted(p.name for p in (Path(__file__).parents[3] / "examples").glob("*.yaml"))
 )
 def test_example_configs_load(name: str) -> None:
-    config = load_config(Path(__file__).parents[2] / "examples" / name)
+    config = load_config(Path(__file__).parents[3] / "examples" / name)
     assert config.output
 
 
@@ -77,7 +77,7 @@ def test_the_example_demo_is_the_embedded_demo() -> None:
     from importlib.resources import files
 
     embedded = load_config(str(files("pipeline.core") / "demo.yaml"))
-    example = load_config(Path(__file__).parents[2] / "examples" / "demo.yaml")
+    example = load_config(Path(__file__).parents[3] / "examples" / "demo.yaml")
     assert example.pretrain == embedded.pretrain and example.prune == embedded.prune
 
 
