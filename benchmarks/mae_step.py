@@ -7,7 +7,9 @@ batch. ViT-S/16 at 224 px with its default decoder (256 wide, 4 deep), and again
 (the MAE paper, Table 1a: 1–2 decoder blocks fine-tune as well as 8); batch 32 (`--quick`: 16). The
 optimizer step is a fixed cost per step, so small batches understate the speed-up. Steps at the two ratios
 alternate on one model, so a busy moment on the machine hits both; the speed-up is the median of the
-pairs' ratios. On a GPU the step runs under bf16 autocast and the peak memory is reported too.
+pairs' ratios. On a GPU the step runs under bf16 autocast and the peak memory is reported too, and the
+step is measured again under `torch.compile` (as `pretrain.compile` runs it there; on CPU the compile
+alone would take longer than the whole benchmark).
 
     python -m benchmarks.mae_step [--quick]
 """
@@ -43,12 +45,20 @@ class Paired:
 
 
 def paired_steps(
-    name: str, img_size: int, batch: int, repeats: int, device: torch.device, decoder_depth: int | None = None
+    name: str,
+    img_size: int,
+    batch: int,
+    repeats: int,
+    device: torch.device,
+    decoder_depth: int | None = None,
+    compile_: bool = False,
 ) -> Paired:
     """Alternate training steps at mask ratio 0.75 and 0.0 on one model and optimizer, after one untimed
-    step of each; a step's cost does not depend on the weights' values, only on the ratio."""
+    step of each (with `compile_`, the model under `torch.compile`: those steps compile it, one graph per
+    ratio); a step's cost does not depend on the weights' values, only on the ratio."""
     torch.manual_seed(0)
     model = build_mae(name, img_size=img_size, decoder_depth=decoder_depth).to(device)
+    forward = torch.compile(model) if compile_ else model
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, device=device)
     imgs = torch.randn(batch, 3, img_size, img_size, device=device)
     on_gpu = device.type == "cuda"
@@ -60,7 +70,7 @@ def paired_steps(
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-            loss = model(imgs, mask_ratio).loss
+            loss = forward(imgs, mask_ratio).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -103,9 +113,13 @@ def run(quick: bool = False) -> list[Row]:
         ("mae_step_speedup_ratio_vs_mask_0.0_decoder_depth_2", light.speedup),
     ]
     if device.type == "cuda":
+        compiled = paired_steps(name, size, batch, repeats, device, compile_=True)
         rows += [
             ("mae_peak_gpu_mb_at_mask_0.75", default.peak_masked_mb),
             ("mae_peak_gpu_mb_at_mask_0.0", default.peak_full_mb),
+            ("mae_compiled_images_per_s_at_mask_0.75", batch / compiled.masked_s),
+            ("mae_compiled_speedup_ratio_vs_eager", default.masked_s / compiled.masked_s),
+            ("mae_compiled_step_speedup_ratio_vs_mask_0.0", compiled.speedup),
         ]
     return rows
 

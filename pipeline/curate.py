@@ -1,5 +1,10 @@
 """Curation, composed: list → read → decode → gather → (score → duplicates | unscored) → prune → manifest.
 
+The input is a folder, WebDataset shards or Parquet tables (`data.format`, `stages/formats.py`): the listing
+and the first stage differ (`ReadBytes` per object, `ReadShards` per shard, `ReadRowGroups` per row group),
+everything after decode is the same. Shards and tables carry their labels, so their classes are known once
+every row is read (`stages.formats.finish_labels`): the row stages are built again with them then.
+
 `curation_stages` builds the chain one run composes and checks it before any work starts (a stage that
 needs a column no earlier stage makes fails there, not in the middle of the run). Read and decode are map
 stages that stream through Ray Data in parallel; the driver then gathers the decodable rows (and, when a
@@ -26,9 +31,18 @@ from pipeline.core.storage import atomic_write_bytes, join, output_lock, read_by
 from stages.base import Batch, ChainStages, Progress, Stage, check_chain, run_on_driver
 from stages.decode import GOOD_COLUMNS, DecodeOptions, DecodeStage, GatherDecoded
 from stages.embed import DuplicateGroups
+from stages.formats import UNIT_COLUMNS, ContainerListing, finish_labels
 from stages.manifest import MANIFEST_NAME, QUARANTINE_NAME, ManifestStage, manifest_frame, write_quarantine
 from stages.prune import PruneStage, policy_for
-from stages.read import LISTING_COLUMNS, ImageListing, ReadBytes, list_images, read_chain
+from stages.read import (
+    LISTING_COLUMNS,
+    ImageListing,
+    ReadBytes,
+    container_reader,
+    list_source,
+    read_chain,
+    read_containers,
+)
 from stages.score import ScoreStage, Unscored
 
 log = logging.getLogger(__name__)
@@ -46,6 +60,11 @@ class Decoded:
     images: np.ndarray | None  # N×S×S×3 uint8 in `frame` order, when kept
     quarantine: pd.DataFrame  # path, sha256, reason, error
     classes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Every row read: decodable or quarantined."""
+        return len(self.frame) + len(self.quarantine)
 
     def batch(self) -> Batch:
         """The good rows as one batch (every row) for the driver's stages; `image` when kept."""
@@ -65,6 +84,7 @@ class CurateResult:
     quarantine: pd.DataFrame
     seconds: float
     counts: dict[str, int]
+    format: str = "folder"  # folder | webdataset | parquet: what the input held
 
     @property
     def images_per_second(self) -> float:
@@ -72,17 +92,25 @@ class CurateResult:
         return total / self.seconds if self.seconds > 0 else 0.0
 
 
+Source = ImageListing | ContainerListing  # a folder's images, or the read units of shards or tables
+
+
 @dataclass(frozen=True)
 class Ingest:
-    """Read → decode, one fused Ray Data map stage, then the driver's gather of the decodable rows."""
+    """Read → decode, one fused Ray Data map stage, then the driver's gather of the decodable rows.
+    `columns` are what the source hands the first stage (a listing's rows, or read units)."""
 
     read_decode: ChainStages
     gather: GatherDecoded
+    columns: tuple[str, ...] = LISTING_COLUMNS
 
     @classmethod
-    def build(cls, config: Config, keep_images: bool) -> Ingest:
+    def build(cls, config: Config, keep_images: bool, source: Source | None = None) -> Ingest:
         decode = DecodeStage(DecodeOptions.from_config(config.decode))
-        return cls(ChainStages(ReadBytes(config.data.storage_options), decode), GatherDecoded(keep_images))
+        if isinstance(source, ContainerListing):
+            reader = container_reader(source, config.data)
+            return cls(ChainStages(reader, decode), GatherDecoded(keep_images), UNIT_COLUMNS)
+        return cls(ChainStages(ReadBytes.for_data(config.data), decode), GatherDecoded(keep_images))
 
     def stages(self) -> list[Stage]:
         return [self.read_decode, self.gather]
@@ -125,45 +153,66 @@ def curation_stages(
     manifest_url: str,
     metadata: dict[str, Any],
     progress: Progress | None = None,
+    source: Source | None = None,
 ) -> CurationPlan:
-    """The chain this run composes, checked against the listing's columns before anything runs."""
+    """The chain this run composes for `source` (None: a folder listing), checked against the source's
+    columns before anything runs."""
     scoring = config.score.method != "none"
     score = ScoreStage(config, classes, progress) if scoring else None
     rows: list[Stage] = [score, DuplicateGroups(config.score.duplicate_threshold)] if score else [Unscored()]
     rows.append(PruneStage(prune_config(config)))
     manifest = ManifestStage(manifest_url, metadata, config.data.storage_options)
-    plan = CurationPlan(Ingest.build(config, keep_images=scoring), rows, manifest, score)
-    check_chain(plan.stages(), LISTING_COLUMNS)
+    plan = CurationPlan(Ingest.build(config, keep_images=scoring, source=source), rows, manifest, score)
+    check_chain(plan.stages(), plan.ingest.columns)
     return plan
 
 
 def decode_listing(
-    listing: ImageListing, config: Config, keep_images: bool, progress: Progress | None = None
+    listing: Source, config: Config, keep_images: bool, progress: Progress | None = None
 ) -> Decoded:
-    """Read and decode every listed object with Ray Data; returns good rows (and pixels) and quarantine rows."""
-    return decode_with(listing, config, Ingest.build(config, keep_images), progress)
+    """Read and decode every listed object (or every sample of the listed shards or tables) with Ray Data;
+    returns good rows (and pixels) and quarantine rows."""
+    return decode_with(listing, config, Ingest.build(config, keep_images, listing), progress)
 
 
-def decode_with(
-    listing: ImageListing, config: Config, ingest: Ingest, progress: Progress | None = None
-) -> Decoded:
+def _no_rows(names: tuple[str, ...], size: int) -> Batch:
+    empty: Batch = {name: np.asarray([], dtype=object) for name in names}
+    empty.update(ok=np.zeros(0, dtype=bool), label=np.zeros(0, dtype=np.int64))
+    if "image" in names:
+        empty["image"] = np.zeros((0, size, size, 3), dtype=np.uint8)
+    return empty
+
+
+def decode_with(listing: Source, config: Config, ingest: Ingest, progress: Progress | None = None) -> Decoded:
     """`decode_listing` with the ingest stages given (a plan's, already checked)."""
-    check_chain(ingest.stages(), LISTING_COLUMNS)
+    check_chain(ingest.stages(), ingest.columns)
     parts: list[Batch] = []
     done = 0
-    batches = read_chain(listing, config.data, ingest.read_decode).iter_batches(
+    if isinstance(listing, ContainerListing):
+        dataset = read_containers(listing, config.data, ingest.read_decode)
+        total = listing.expected_rows  # None for shards: their samples are counted as they are read
+    else:
+        dataset = read_chain(listing, config.data, ingest.read_decode)
+        total = len(listing)
+    batches = dataset.iter_batches(
         batch_size=config.data.read_batch_size, batch_format="numpy", prefetch_batches=4
     )
     for batch in batches:
         parts.append({name: batch[name] for name in ingest.gather.inputs})  # no bytes, no unwanted pixels
         done += len(batch["path"])
         if progress:
-            progress("decode", done, len(listing))
-    # read_chain refuses an empty listing, and every listed object comes back as a row (good or not)
-    every = {name: np.concatenate([p[name] for p in parts]) for name in ingest.gather.inputs}
+            progress("decode", done, max(total or 0, done))
+    # Every listed object comes back as a row (good or not); shards may hold no samples at all.
+    if parts:
+        every = {name: np.concatenate([p[name] for p in parts]) for name in ingest.gather.inputs}
+    else:
+        every = _no_rows(ingest.gather.inputs, config.decode.image_size)
     good = ingest.gather(every)
     frame = pd.DataFrame({name: good[name] for name in GOOD_COLUMNS})
-    return Decoded(frame, good.get("image"), ingest.gather.quarantine(every), listing.classes)
+    classes = listing.classes
+    if isinstance(listing, ContainerListing):
+        frame, classes = finish_labels(frame, config.data)
+    return Decoded(frame, good.get("image"), ingest.gather.quarantine(every), classes)
 
 
 def publish_curation(output: str, run_dir: str, storage_options: dict[str, Any]) -> tuple[str, str]:
@@ -193,18 +242,32 @@ def curate(config: Config, progress: Progress | None = None, run_dir: str | None
     run_id = config.run_id or new_run_id()
     standalone = run_dir is None
     run_dir = run_dir or run_dir_for(config.output, run_id)
-    listing = list_images(config.data)
-    log.info(
-        "listed %d objects in %d classes under %s", len(listing), len(listing.classes), config.data.input
-    )
+    listing = list_source(config.data)
+    if isinstance(listing, ContainerListing):
+        fmt = listing.format
+        log.info(
+            "listed %d %s (%d read tasks) at %s",
+            listing.containers,
+            "shards" if fmt == "webdataset" else "tables",
+            len(listing),
+            config.data.input,
+        )
+    else:
+        fmt = "folder"
+        log.info(
+            "listed %d objects in %d classes under %s", len(listing), len(listing.classes), config.data.input
+        )
     if progress:
         progress("list", len(listing), len(listing))
-    metadata = {"run_id": run_id, "config": config.redacted(), "classes": listing.classes}
+    metadata = {"run_id": run_id, "config": config.redacted(), "classes": listing.classes, "format": fmt}
     manifest_url = join(run_dir, MANIFEST_NAME)
     quarantine_url = join(run_dir, QUARANTINE_NAME)
-    plan = curation_stages(config, listing.classes, manifest_url, metadata, progress)
+    plan = curation_stages(config, listing.classes, manifest_url, metadata, progress, listing)
 
     decoded = decode_with(listing, config, plan.ingest, progress)
+    if decoded.classes != listing.classes:  # shards and tables: classes known once every row is read
+        metadata["classes"] = decoded.classes
+        plan = curation_stages(config, decoded.classes, manifest_url, metadata, progress, listing)
     # With no decodable image there is nothing to score or prune: the manifest is written empty.
     rows = run_on_driver(plan.rows, decoded.batch()) if len(decoded.frame) else decoded.batch()
     so = config.data.storage_options
@@ -212,10 +275,12 @@ def curate(config: Config, progress: Progress | None = None, run_dir: str | None
     plan.manifest(rows)
     if standalone:
         manifest_url, quarantine_url = publish_curation(config.output, run_dir, so)
+    if decoded.total == 0:  # shards or tables holding no samples at all
+        raise NothingDecoded(f"no samples found in the {fmt} input at {config.data.input}")
     if decoded.frame.empty:  # both files are written (one run's pair); the quarantine says why each failed
         reasons = ", ".join(f"{r} {n}" for r, n in Counter(decoded.quarantine["reason"]).most_common())
         raise NothingDecoded(
-            f"none of the {len(listing)} objects under {config.data.input} decoded ({reasons}); "
+            f"none of the {decoded.total} objects under {config.data.input} decoded ({reasons}); "
             f"each file's reason is in {quarantine_url}"
         )
     frame = manifest_frame(rows)
@@ -226,7 +291,7 @@ def curate(config: Config, progress: Progress | None = None, run_dir: str | None
         outcome = plan.score.outcome  # scored = cache misses scored this run, cached = cache hits
         counts.update({"scored": outcome.scored, "cached": outcome.cached})
     seconds = time.perf_counter() - start
-    log.info("curated %d objects in %.1f s", len(listing), seconds)
+    log.info("curated %d objects in %.1f s", decoded.total, seconds)
     return CurateResult(
         run_id=run_id,
         run_dir=run_dir,
@@ -236,4 +301,5 @@ def curate(config: Config, progress: Progress | None = None, run_dir: str | None
         quarantine=decoded.quarantine,
         seconds=seconds,
         counts=dict(counts),
+        format=fmt,
     )

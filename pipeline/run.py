@@ -147,6 +147,8 @@ def run_pipeline(
             # kNN / linear probe / fine-tune on labeled images (evaluate.data, else the input, with its demo
             # truth when it has one), next to a random init and the raw pixels
             data = config.evaluate.data or config.data.input
+            if not config.evaluate.data and curated.format != "folder":
+                data = curated.manifest_url  # shards / tables: their samples, by manifest path and label
             evaluation = evaluate_encoder(join(run_dir, "encoder.pth"), data, config).as_dict()
             atomic_write_bytes(
                 join(run_dir, "evaluation.json"), json.dumps(evaluation, indent=2).encode(), so

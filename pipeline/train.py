@@ -13,7 +13,9 @@ decodes them once into the object store for the workers to take their batches fr
 
 - AdamW (0.9, 0.95), weight decay 0.05 (not on biases, norms, tokens), lr = base_lr × global_batch / 256
   with warmup + cosine/linear/constant; gradient clipping; bf16 autocast on GPU only; DDP via
-  `prepare_model`.
+  `prepare_model`; `torch.compile` per `pretrain.compile` (GPU workers by default); random resized crop and
+  flip on the worker's device (`pipeline.models.augment`).
+- `PretrainResult.first_step_seconds`: from the `pretrain` call to the first step done.
 - `ray.train.report` every `eval_every` steps with `step`, `loss`, `recon_loss`, `lr`, `mask_ratio`,
   `images_per_s`, `val_loss` (masked-reconstruction loss on the held-out images under a fixed random mask:
   the number Tune sweeps minimise); a checkpoint (model, optimizer, step, config, metrics so far) every
@@ -73,6 +75,9 @@ class PretrainResult:
     metrics_url: str
     checkpoint: str | None  # path of the latest checkpoint in its storage
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl lines
+    # from the `pretrain` call to the first training step done (Ray, the worker group, data warm-up and, when
+    # compiled, the compile); None when no step ran
+    first_step_seconds: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -206,6 +211,7 @@ def pretrain(
 ) -> PretrainResult:
     """Pretrain per `config` on the manifest's kept images; write `<output>/encoder.pth`, metrics and
     checkpoints. `progress("pretrain", step, steps)` is called as metrics arrive (every eval interval)."""
+    called = time.time()  # wall clock: the workers stamp their first step with theirs
     so = config.data.storage_options
     metrics_url = join(output, METRICS_NAME)
     trainer = build_trainer(config, manifest_url, output, run_name=run_name)
@@ -232,7 +238,16 @@ def pretrain(
         metrics_url=metrics_url,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         history=history,
+        first_step_seconds=first_step_seconds(history, called),
     )
+
+
+def first_step_seconds(history: list[dict[str, Any]], called: float) -> float | None:
+    """Seconds from `called` (wall clock) to the first step of this call's workers: the earliest
+    `first_step_time` in the metrics lines that is not older than `called` (lines of an earlier call of a
+    resumed run are). None when no line of this call has one."""
+    stamps = [h["first_step_time"] for h in history if h.get("first_step_time", -math.inf) >= called]
+    return min(stamps) - called if stamps else None
 
 
 @contextlib.contextmanager

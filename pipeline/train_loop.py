@@ -13,6 +13,13 @@ metrics.jsonl (rank 0) and reports to Ray Train, with a checkpoint when one is d
 - Each report carries `step` and `REPORTED_METRICS`; Tune sweeps rank trials by one of them.
 - A non-finite loss stops every worker at the same step: rank 0 appends the message to metrics.jsonl (the
   driver raises `TrainingDiverged` from it) and every worker's last report carries it.
+- Nothing in a step waits for the device: losses stay device tensors until the next metrics line (every
+  `log_every` steps, and at reports), where one all-reduce and one read-back cover the whole window; the
+  non-finite check runs there too (and names the first non-finite step). Batches arrive on the device
+  pinned and non-blocking, are augmented there (`pipeline.models.augment`), and the model's forward runs
+  under `torch.compile` when `pretrain.compile` says so (on GPU workers by default).
+- The first metrics line of each start of the workers carries `first_step_time` (wall clock when the
+  first step was done): the driver reports the time from its `pretrain` call to there.
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from pipeline.core.config import Config, PretrainConfig
 from pipeline.core.errors import UserInputError
 from pipeline.core.ray_compat import quiet_train_report_lines
 from pipeline.core.storage import atomic_write_bytes, join
+from pipeline.models.augment import BatchAugment, to_device
 from pipeline.models.checkpoint import encoder_bytes, load_warm_start
-from pipeline.models.mae import MaskedAutoencoder, normalize_images, size_of
+from pipeline.models.mae import MaskedAutoencoder, normalize_images, num_kept, size_of
 from pipeline.models.masking import Masker
 from pipeline.models.schedules import lr_at, mask_ratio_at
 
@@ -53,6 +61,7 @@ STATE_NAME = "state.pt"
 REPORTED_METRICS = ("val_loss", "loss", "recon_loss", "images_per_s", "lr", "mask_ratio")
 
 Batches = Callable[[], Iterator[dict[str, Any]]]  # starts one pass over this worker's training batches
+PREFETCH = 2  # batches made ready (read, decoded, on the device) ahead of the step that trains on them
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -64,16 +73,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     worker = start_worker(loop_config["threads"], pre.seed)
     mae, optimizer = build_model(config, worker)
     run = load_checkpoint(mae, optimizer, config, worker)
+    ddp = ray.train.torch.prepare_model(mae, move_to_device=False)  # DDP when world > 1, once loaded
     model = TrainModel(
         raw=mae,
-        ddp=ray.train.torch.prepare_model(mae, move_to_device=False),  # DDP when world > 1, once loaded
+        ddp=ddp,
         optimizer=optimizer,
         masker=build_masker(config, mae, worker, run.step),
         peak_lr=peak_lr(pre, worker.world),
+        augment=build_augment(config, worker, run.step),
+        forward=compiled(ddp) if compile_enabled(pre, worker) else ddp,
     )
     if worker.rank == 0:
         global_batch = pre.batch_size * worker.world
-        log.info("effective batch %d, actual lr %.3e, %d steps", global_batch, model.peak_lr, pre.steps)
+        log.info(
+            "effective batch %d, actual lr %.3e, %d steps, %s",
+            global_batch,
+            model.peak_lr,
+            pre.steps,
+            "compiled" if model.forward is not ddp else "eager",
+        )
     reporter = Reporter(config, worker, loop_config["output"], val_images=ray.get(loop_config["val"]))
     batches = batch_source(loop_config, config, worker, start=run.step)
     window = MetricWindow()
@@ -85,12 +103,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             result = train_step(model, batch, run.step, pre, worker)
             run.step += 1
             trained += 1
-            if not math.isfinite(result.loss):
-                reporter.stop_diverged(run, result.loss)
-                return
+            if run.first_step_time is None:  # the first step of this start: wait for it once, to time it
+                worker.synchronize()
+                run.first_step_time = time.time()
             window.add(result)
             if log_due(run.step, pre):  # every report carries this step's numbers, so it logs too
-                run.add_line(window.line(run.step, result))
+                line = window.line(run.step, result)  # the window's one read-back from the device
+                if window.nonfinite is not None:
+                    reporter.stop_diverged(run, *window.nonfinite)
+                    return
+                run.add_line(line)
             if report_due(run.step, pre):
                 reporter.report(model, run, save=checkpoint_due(run.step, pre))
             if run.step >= pre.steps:
@@ -116,6 +138,11 @@ class Worker:
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
+
+    def synchronize(self) -> None:
+        """Wait until the device has done all work queued so far (nothing to wait for on a CPU)."""
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
 
 
 def start_worker(threads: int, seed: int) -> Worker:
@@ -177,16 +204,41 @@ def build_masker(config: Config, model: MaskedAutoencoder, worker: Worker, step:
     return Masker(pre.mask, grid, seed=pre.seed * 1_000_003 + worker.rank * 7919 + step)
 
 
+def build_augment(config: Config, worker: Worker, step: int) -> BatchAugment:
+    """Random resized crop + flip on this worker's device (`pretrain.augment`, `crop_scale_min`, `hflip`),
+    seeded per worker and by the step the run starts at (as the masker is), apart from the masker's seed."""
+    from stages.stream import image_size
+
+    pre = config.pretrain
+    seed = int(np.random.SeedSequence([pre.seed, worker.rank, step, 0xA5]).generate_state(1)[0])
+    return BatchAugment(image_size(config), pre.crop_scale_min, pre.hflip, seed=seed, enabled=pre.augment)
+
+
+def compile_enabled(pre: PretrainConfig, worker: Worker) -> bool:
+    """`pretrain.compile`: on, off, or (auto) on when the worker trains on a GPU."""
+    return pre.compile == "on" or (pre.compile == "auto" and worker.on_gpu)
+
+
+def compiled(module: torch.nn.Module) -> Callable[..., Any]:
+    """`module` under `torch.compile`: its forward and, through AOTAutograd, its backward in one graph each
+    (the MAE has no graph break; `tests/pipeline/models/test_compile.py` holds it to that). A DDP module
+    is split at its gradient buckets by Dynamo's DDP optimizer, so communication still overlaps."""
+    return torch.compile(module)
+
+
 @dataclass(frozen=True)
 class TrainModel:
     """What a step trains: the MAE (`raw`; `ddp` is the module to call, DDP-wrapped when world > 1), its
-    optimizer, the masker that draws each batch's mask, and the peak learning rate of the schedule."""
+    optimizer, the masker that draws each batch's mask, the peak learning rate of the schedule, the
+    batch augmentation, and `forward`: `ddp` itself or `ddp` compiled (`pretrain.compile`)."""
 
     raw: MaskedAutoencoder
     ddp: torch.nn.Module
     optimizer: torch.optim.Optimizer
     masker: Masker
     peak_lr: float
+    augment: BatchAugment
+    forward: Callable[..., Any]
 
 
 @dataclass
@@ -197,6 +249,8 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl lines so far
     resumed_from: int | None = None  # the step a restart resumed at, until the next line records it
     reported: bool = False  # whether this start of the run has reported to Ray Train yet
+    first_step_time: float | None = None  # wall clock when this start's first step was done
+    _first_step_logged: bool = False  # whether a line carries `first_step_time` yet
 
     @property
     def latest(self) -> dict[str, Any]:
@@ -208,6 +262,9 @@ class RunState:
         if self.resumed_from is not None:
             line["resumed_from"] = self.resumed_from
             self.resumed_from = None
+        if self.first_step_time is not None and not self._first_step_logged:
+            line["first_step_time"] = self.first_step_time
+            self._first_step_logged = True
         self.history.append(line)
 
 
@@ -250,13 +307,20 @@ def batch_source(loop_config: dict[str, Any], config: Config, worker: Worker, st
 
     Streamed: the shard of the training dataset Ray Train split off for this worker. Cached: this worker's
     share of the decoded images in the object store; the first pass after a resume starts at the batch
-    after the checkpoint's (`start`), not at the first batch again."""
+    after the checkpoint's (`start`), not at the first batch again. Either way `PREFETCH` batches are
+    made ready ahead of the step, already on the worker's device (pinned and copied non-blocking to a
+    GPU), not yet augmented."""
     pre = config.pretrain
     if loop_config["cache"] is None:
         shard = ray.train.get_dataset_shard("train")
 
         def streamed() -> Iterator[dict[str, Any]]:
-            return shard.iter_torch_batches(batch_size=pre.batch_size, drop_last=True)
+            return shard.iter_torch_batches(  # device "auto": the Train worker's device
+                batch_size=pre.batch_size,
+                drop_last=True,
+                prefetch_batches=PREFETCH,
+                pin_memory=worker.on_gpu,
+            )
 
         return streamed
 
@@ -275,6 +339,8 @@ def batch_source(loop_config: dict[str, Any], config: Config, worker: Worker, st
             worker.rank,
             worker.world,
             start=first,
+            prepare=lambda b: {"image": to_device(torch.from_numpy(b["image"]), worker.device)},
+            prefetch=PREFETCH,
         )
 
     return cached
@@ -285,10 +351,11 @@ def batch_source(loop_config: dict[str, Any], config: Config, worker: Worker, st
 
 @dataclass(frozen=True)
 class StepResult:
-    """One step's numbers: losses averaged over all workers, and the schedules' values it ran at."""
+    """One step's numbers: this worker's losses, still on the device (`MetricWindow` averages them over
+    the workers when it reads them back), and the schedules' values it ran at."""
 
-    loss: float  # total loss (reconstruction + the hard-patch loss head's, when there is one)
-    recon_loss: float  # masked-reconstruction loss
+    losses: torch.Tensor  # (2,) float32 on the device: total loss (reconstruction + the hard-patch loss
+    # head's, when there is one), masked-reconstruction loss
     lr: float
     mask_ratio: float
     images: int  # images in the step, all workers together
@@ -297,26 +364,33 @@ class StepResult:
 def train_step(
     model: TrainModel, batch: dict[str, Any], step: int, pre: PretrainConfig, worker: Worker
 ) -> StepResult:
-    """One optimizer step on `batch` at `step` (the steps done before it): mask ratio and lr from their
-    schedules, bf16 autocast on GPU only, gradient clipping."""
-    imgs = normalize_images(torch.as_tensor(batch["image"]).to(worker.device))
+    """One optimizer step on `batch` at `step` (the steps done before it): augmentation on the device, mask
+    ratio and lr from their schedules, bf16 autocast on GPU only, gradient clipping. Nothing here waits
+    for the device (except hard-patch masking, whose mask is chosen on the CPU from predicted losses)."""
+    images = to_device(torch.as_tensor(batch["image"]), worker.device)  # (N, S, S, 3) uint8
+    imgs = model.augment(normalize_images(images))  # (N, 3, S, S), normalised, cropped and flipped
     ratio = mask_ratio_at(pre.mask, step, pre.steps)
     predicted = model.raw.predict_patch_loss(imgs) if model.masker.needs_prediction else None
-    noise = model.masker(imgs.shape[0], ratio, step / max(pre.steps - 1, 1), predicted).to(worker.device)
+    noise = model.masker(imgs.shape[0], ratio, step / max(pre.steps - 1, 1), predicted)
     lr = lr_at(pre, model.peak_lr, step)
     for group in model.optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.on_gpu):
-        out = model.ddp(imgs, ratio, noise, pre.mask.loss_head_weight)
+        # len_keep as an int: under torch.compile a ratio schedule then costs one recompile, not one per ratio
+        out = model.forward(
+            imgs,
+            ratio,
+            to_device(noise, worker.device),
+            pre.mask.loss_head_weight,
+            len_keep=num_kept(model.raw.num_patches, ratio),
+        )
     model.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     if pre.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.ddp.parameters(), pre.grad_clip)
     model.optimizer.step()
-    losses = _all_reduce_mean(torch.stack([out.loss.detach(), out.recon_loss.detach()]).float())
     return StepResult(
-        loss=float(losses[0]),
-        recon_loss=float(losses[1]),
+        losses=torch.stack([out.loss.detach(), out.recon_loss.detach()]).float(),
         lr=lr,
         mask_ratio=ratio,
         images=imgs.shape[0] * worker.world,
@@ -352,17 +426,27 @@ def log_due(step: int, pre: PretrainConfig) -> bool:
 class MetricWindow:
     """The steps since the last metrics line: their mean losses and training throughput.
 
-    Throughput counts the time between consecutive steps (waiting for data included), except for the run's
-    first step, which includes the data pipeline's warm-up and is timed apart (left out)."""
+    The steps' losses stay on the device until `line`, which reads the whole window back at once: one
+    all-reduce (each step's losses averaged over the workers, as every worker sees them) and one host sync
+    per line instead of per step. `line` also notes the window's first non-finite loss (`nonfinite`).
+
+    Throughput counts the time between consecutive steps (waiting for data included) up to the read-back
+    (so device time still queued when the last step returned counts too), except for the run's first step,
+    which includes the data pipeline's warm-up and is timed apart (left out)."""
 
     def __init__(self) -> None:
         self._first_step = True
         self._last = time.perf_counter()
+        self.nonfinite: tuple[int, float] | None = None  # (step, loss) of the first non-finite loss
         self._reset()
 
     def _reset(self) -> None:
-        self.loss, self.recon_loss, self.steps = 0.0, 0.0, 0
+        self.losses: list[torch.Tensor] = []  # per step: (2,) total and reconstruction loss, on the device
         self.images, self.seconds = 0, 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
 
     def start_pass(self) -> None:
         """A new pass over the batches begins: time its first step from here."""
@@ -375,17 +459,24 @@ class MetricWindow:
             self.seconds += now - self._last
         self._first_step = False
         self._last = now
-        self.loss += result.loss
-        self.recon_loss += result.recon_loss
-        self.steps += 1
+        self.losses.append(result.losses)
 
     def line(self, step: int, result: StepResult) -> dict[str, Any]:
         """The metrics.jsonl line of the steps up to `step`, with the lr and mask ratio of the last of them
-        (`result`); the window then starts over."""
+        (`result`); the window then starts over. Sets `nonfinite` when a loss in the window is NaN or
+        infinite (the same on every worker: the values are averaged over them first)."""
+        per_step = _all_reduce_mean(torch.stack(self.losses)).tolist()  # the read-back: [[loss, recon], ...]
+        now = time.perf_counter()
+        if self.images:  # the wait for the device belongs to this window's steps
+            self.seconds += now - self._last
+        self._last = now
+        first = step - len(per_step) + 1
+        bad = next(((first + i, v[0]) for i, v in enumerate(per_step) if not math.isfinite(v[0])), None)
+        self.nonfinite = self.nonfinite or bad
         line = {
             "step": step,
-            "loss": self.loss / self.steps,
-            "recon_loss": self.recon_loss / self.steps,
+            "loss": sum(v[0] for v in per_step) / len(per_step),
+            "recon_loss": sum(v[1] for v in per_step) / len(per_step),
             "lr": result.lr,
             "mask_ratio": result.mask_ratio,
             "images_per_s": self.images / self.seconds if self.seconds else 0.0,
@@ -459,12 +550,13 @@ class Reporter:
         else:
             ray.train.report(metrics)
 
-    def stop_diverged(self, run: RunState, loss: float) -> None:
-        """The loss went non-finite at `run.step`: stop with a message that says what to try. Train's Result
-        keeps checkpointed metrics only, so rank 0 writes the message into metrics.jsonl for the driver."""
+    def stop_diverged(self, run: RunState, step: int, loss: float) -> None:
+        """The loss went non-finite at `step` (seen at `run.step`, when the window was read back): stop with a
+        message that says what to try. Train's Result keeps checkpointed metrics only, so rank 0 writes the
+        message into metrics.jsonl for the driver."""
         pre = self.config.pretrain
         message = (
-            f"non-finite loss ({loss}) at step {run.step}: lower pretrain.base_lr "
+            f"non-finite loss ({loss}) at step {step}: lower pretrain.base_lr "
             f"(now {pre.base_lr}) or set pretrain.grad_clip"
         )
         if self.worker.rank == 0:

@@ -2,7 +2,9 @@
 
 Input columns: `bytes` (raw object), `path`. Output columns: `path`, `sha256` (unless `hash_bytes=False`),
 `image` (N×S×S×3 uint8; zeros where decoding failed), `ok` (bool), `reason` (`ok` or a quarantine reason),
-`error` (message or "").
+`error` (message or ""). When the batch comes from a shard or table reader it also has `read_reason` and
+`read_error` (`stages.formats.SAMPLE_COLUMNS`): a row with a `read_reason` is quarantined with it, not
+decoded (its bytes are still hashed), and both columns are dropped.
 
 Resize policy (`decode.resize`): `center-crop` (default) scales the shorter side to S and crops the centre
 S×S, keeping the aspect ratio as training crops expect; `squash` resizes straight to S×S. EXIF orientation
@@ -17,6 +19,10 @@ Quarantine reasons:
 - `not-an-image`: no image format recognises the bytes (text, HTML error pages, random bytes).
 - `truncated`: the header is fine but the pixel data ends early.
 - `corrupt`: the pixel data is damaged in another way.
+
+Shard samples and table rows may also be quarantined by their reader (`stages.formats.CONTAINER_REASONS`):
+`no-image` (no image member or bytes), `missing-label`, `bad-label`, `duplicate-key`; a shard that ends
+early quarantines the sample it was in as `truncated`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pipeline.core.config import DecodeConfig
 from stages.base import ALL_TO_ALL, Batch, Stage
 
 QUARANTINE_REASONS = ("missing", "empty", "too-large", "not-an-image", "truncated", "corrupt")
+READ_FAULT_COLUMNS = ("read_reason", "read_error")  # a container reader's verdict, when there is one
 
 
 class BadImage(Exception):
@@ -195,7 +202,7 @@ class DecodeStage(Stage):
     name = "decode"
     inputs = ("path", "bytes")
     outputs = ("path", "sha256", "image", "ok", "reason", "error")
-    drops = ("bytes",)
+    drops = ("bytes", *READ_FAULT_COLUMNS)
 
     def __init__(self, options: DecodeOptions, hash_bytes: bool = True) -> None:
         self.options = options
@@ -210,10 +217,16 @@ class DecodeStage(Stage):
         n = len(paths)
         images = np.zeros((n, size, size, 3), dtype=np.uint8)
         sha, ok, reason, error = [], np.zeros(n, dtype=bool), [], []
+        faults = batch.get("read_reason")
+        fault_errors = batch.get("read_error")
         for i, blob in enumerate(blobs):
             data = bytes(blob) if blob is not None else None
             if self.hash_bytes:
                 sha.append(hashlib.sha256(data).hexdigest() if data is not None else "")
+            if faults is not None and faults[i]:
+                reason.append(str(faults[i]))
+                error.append(str(fault_errors[i] if fault_errors is not None else "")[:500])
+                continue
             try:
                 images[i] = decode_image(data, self.options)
                 ok[i] = True
@@ -222,7 +235,7 @@ class DecodeStage(Stage):
             except BadImage as e:
                 reason.append(e.reason)
                 error.append(str(e)[:500])
-        out = {k: v for k, v in batch.items() if k != "bytes"}
+        out = {k: v for k, v in batch.items() if k not in self.drops}
         out.update(
             path=np.asarray(paths, dtype=object),
             image=images,

@@ -1,11 +1,12 @@
 """Manifest stage: the Parquet record of what was kept and why, written atomically to any fsspec URL.
 
-`manifest.parquet` has one row per decodable input object (schema `MANIFEST_SCHEMA`): higher scores mean
-harder examples; a score column that was not computed is null. `quarantine.parquet` has one row per object
-that could not be decoded. Key-value metadata holds the config (secrets redacted), the maskdiet version and
-the run id. The file is serialised in memory, then written in one atomic step (see
-`pipeline.core.storage.atomic_write_bytes`), so a reader never sees half a manifest. `ManifestStage` is
-the writing as the last stage of a chain: it declares the columns a manifest needs.
+`manifest.parquet` has one row per decodable input object (schema `MANIFEST_SCHEMA`), whatever the input
+format: `path` names the image (a file's URL, a shard sample, a table row: `stages/formats.py`) and
+`sha256` its bytes. Higher scores mean harder examples; a score column that was not computed is null.
+`quarantine.parquet` has one row per object that could not be decoded. Key-value metadata holds the config
+(secrets redacted), the maskdiet version and the run id. The file is serialised in memory, then written in
+one atomic step (see `pipeline.core.storage.atomic_write_bytes`), so a reader never sees half a manifest.
+`ManifestStage` is the writing as the last stage of a chain: it declares the columns a manifest needs.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from stages.base import ALL_TO_ALL, Batch, Stage
 
 MANIFEST_SCHEMA = pa.schema(
     [
-        ("path", pa.string()),  # full URL of the object
-        ("sha256", pa.string()),  # of the object's bytes
+        # a file's full URL; a shard sample <shard>.tar#<key>; a table row <table>.parquet#<row>
+        ("path", pa.string()),
+        ("sha256", pa.string()),  # of the image's bytes
         ("label", pa.int64()),  # -1 when unlabeled
         ("class_name", pa.string()),
         ("el2n", pa.float64()),  # mean over proxy models; higher = harder

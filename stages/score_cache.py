@@ -1,8 +1,10 @@
 """Score cache: per-image scores keyed by (sha256, scoring-config hash), beside the manifests.
 
-A recurring curation over a bucket that grows should score only the new images. Scores depend on the
-image bytes, its label and everything that shapes the proxies (model, epochs, seeds, image size, classes...),
-so the cache is a folder per scoring key:
+A recurring curation over a bucket that grows should score only the new images, whatever its format: the
+key is the image bytes' sha256, not the `path` (a file, a shard sample, a table row), so new shards or
+tables beside old ones score only their new samples, and a copied or re-sharded image is still a hit.
+Scores depend on the image bytes, its label and everything that shapes the proxies (model, epochs, seeds,
+image size, classes...), so the cache is a folder per scoring key:
 
     <score.cache_url>/<key>/models.pt                 the K proxies' weights (+ k-means prototypes)
     <score.cache_url>/<key>/scores/<ns>.parquet      sha256, label, el2n, el2n_std, grand, forgetting, prototype

@@ -1,21 +1,21 @@
-"""Stream stage: a manifest's kept rows → a Ray Dataset of augmented training images, never materialised.
+"""Stream stage: a manifest's kept rows → a Ray Dataset of decoded training images, never materialised.
 
     manifest.parquet (kept rows) ─ split off a fixed validation set ─ per-epoch shuffled listing
-      → stages.read.read_images (bytes)  → stages.decode.DecodeStage (RGB uint8)  → AugmentStage (crop, flip)
+      → stages.read.read_images (bytes)  → stages.decode.DecodeStage (RGB uint8)  → TrainingImages
 
 Output columns of `training_dataset`: `image` (N×S×S×3 uint8, S = the model's input side) and `label`
 (int64, −1 when unlabeled). Rows that no longer decode (an object changed since curation) are dropped.
 
 The dataset covers `epochs` passes over the training images, each in its own seeded order, so one
-`iter_torch_batches` pass trains for several epochs with fresh crops. Augmentation draws its randomness
-from the seed and the paths in each batch: the same seed and data give the same crops (Ray Data's batch
-partition is fixed by the listing), a new epoch order gives new ones.
+`iter_torch_batches` pass trains for several epochs. The CPUs only read and decode: augmentation (random
+resized crop, flip) runs on the training device in batch form (`pipeline.models.augment`), on the streamed
+and the cached batches alike.
 
 Small training sets are decoded once (`pretrain.cache_decoded_mib`): when the decoded images fit that budget
 at the model's input size, they are read and decoded once into an array in Ray's object store
 (`decode_cache`: in the calling process up to `DECODE_HERE_MAX` images, else one Ray Data pass), and each
 Train worker then takes its batches from there (`cached_batches`) instead of reading storage every epoch:
-the same epoch orders, images and kind of crops, from the same seed.
+the same epoch orders and images, from the same seed.
 
 The validation set is `val_images` kept rows chosen by a seeded hash of their path (stable as the manifest
 grows), excluded from training, decoded without augmentation.
@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import zlib
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +42,7 @@ from pipeline.core.errors import UserInputError
 from stages.base import Batch, Stage
 from stages.decode import BadImage, DecodeOptions, DecodeStage, decode_image
 from stages.manifest import read_table
-from stages.read import ImageListing, ReadBytes, read_images
+from stages.read import ImageListing, ReadBytes, read_images, read_parts
 
 log = logging.getLogger(__name__)
 
@@ -94,65 +93,31 @@ def listing_of(rows: pd.DataFrame) -> ImageListing:
     )
 
 
-def random_resized_crop(
-    image: np.ndarray, size: int, scale_min: float, rng: np.random.Generator, flip_p: float = 0.5
-) -> np.ndarray:
-    """One image (H, W, 3) uint8 → (size, size, 3): a crop of area share in [scale_min, 1] and aspect ratio
-    in [3/4, 4/3] (log-uniform), resized bilinearly, flipped left-right with probability `flip_p`."""
-    h, w = image.shape[:2]
-    area = h * w
-    box = (0, 0, w, h)
-    for _ in range(10):
-        target = area * rng.uniform(scale_min, 1.0)
-        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        cw = round(float(np.sqrt(target * ratio)))
-        ch = round(float(np.sqrt(target / ratio)))
-        if 0 < cw <= w and 0 < ch <= h:
-            left = int(rng.integers(0, w - cw + 1))
-            top = int(rng.integers(0, h - ch + 1))
-            box = (left, top, left + cw, top + ch)
-            break
-    out = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
-    array = np.asarray(out, dtype=np.uint8)
-    if rng.random() < flip_p:
-        array = array[:, ::-1]
-    return np.ascontiguousarray(array)
+class TrainingImages(Stage):
+    """Map stage: keeps the rows that decoded and returns just the tensor columns `image` (at side `size`,
+    resized only when the decoder gave another side) and `label`. Augmentation happens on the training
+    device (`pipeline.models.augment`), not here."""
 
-
-class AugmentStage(Stage):
-    """Map stage: keeps decodable rows, applies random resized crop + flip (or only resizes when `augment`
-    is off), and returns just the tensor columns `image`, `label`."""
-
-    name = "augment"
-    inputs = ("path", "image", "ok", "label")
+    name = "training-images"
+    inputs = ("image", "ok", "label")
     outputs = ("image", "label")
     passthrough = False
 
-    def __init__(
-        self, size: int, seed: int, augment: bool = True, scale_min: float = 0.2, flip_p: float = 0.5
-    ) -> None:
+    def __init__(self, size: int) -> None:
         self.size = size
-        self.seed = seed
-        self.augment = augment
-        self.scale_min = scale_min
-        self.flip_p = flip_p
 
     def process(self, batch: Batch) -> Batch:
         ok = np.asarray(batch["ok"], dtype=bool)
-        paths = [str(p) for p, good in zip(batch["path"], ok, strict=True) if good]
         images = np.asarray(batch["image"])[ok]
         labels = np.asarray(batch["label"], dtype=np.int64)[ok]
-        digest = zlib.crc32("\n".join(paths).encode())
-        rng = np.random.default_rng([self.seed, digest])
-        out = np.empty((len(paths), self.size, self.size, 3), dtype=np.uint8)
-        for i, image in enumerate(images):
-            if self.augment:
-                out[i] = random_resized_crop(image, self.size, self.scale_min, rng, self.flip_p)
-            elif image.shape[0] != self.size:
-                out[i] = np.asarray(Image.fromarray(image).resize((self.size, self.size)), dtype=np.uint8)
-            else:
-                out[i] = image
-        return {"image": out, "label": labels}
+        if images.shape[1:3] != (self.size, self.size):
+            images = np.stack(
+                [
+                    np.asarray(Image.fromarray(im).resize((self.size, self.size)), dtype=np.uint8)
+                    for im in images
+                ]
+            ).reshape(len(images), self.size, self.size, 3)
+        return {"image": images, "label": labels}
 
 
 def image_size(config: Config) -> int:
@@ -172,13 +137,8 @@ def training_dataset(frame: pd.DataFrame, config: Config, epochs: int, seed: int
     return read_images(
         listing,
         data,
-        then=[DecodeStage(_decode_options(config), hash_bytes=False), augment_stage(config, seed)],
+        then=[DecodeStage(_decode_options(config), hash_bytes=False), TrainingImages(image_size(config))],
     )
-
-
-def augment_stage(config: Config, seed: int) -> AugmentStage:
-    pretrain = config.pretrain
-    return AugmentStage(image_size(config), seed, pretrain.augment, pretrain.crop_scale_min, pretrain.hflip)
 
 
 def _decode_options(config: Config, size: int | None = None) -> DecodeOptions:
@@ -274,37 +234,37 @@ def cached_batches(
     rank: int = 0,
     world: int = 1,
     start: int = 0,
-) -> Iterator[dict[str, np.ndarray]]:
+    prepare: Callable[[dict[str, np.ndarray]], dict[str, Any]] | None = None,
+    prefetch: int = 2,
+) -> Iterator[dict[str, Any]]:
     """Training worker `rank`'s batches (`pretrain.batch_size` rows: `image`, `label`) from the decoded cache:
     `epochs` passes in seeded orders, each global batch of batch_size × world rows split by rank (the tail
-    that fills no global batch is dropped), augmented by the stream's training-image stage. A thread
-    prepares the next batch while the caller trains on this one. `start` skips that many global batches
-    (counted round the sequence): a resumed run picks up mid-epoch where its checkpoint left off.
+    that fills no global batch is dropped), not augmented (the trainer augments on its device). A thread
+    gathers the next `prefetch` batches, and runs `prepare` on each (e.g. pin it and start its copy to the
+    GPU), while the caller trains on this one. `start` skips that many global batches (counted round the
+    sequence): a resumed run picks up mid-epoch where its checkpoint left off.
 
     The workers take the rows straight from the shared array: with nothing to read or decode, a Ray Data
     pipeline would only add its scheduler (which, held back by a slower trainer, spun a core until
     `pipeline.core.runtime.IdleWait`)."""
     images = ray.get(cache.images)  # on the same node: a read-only view of the shared array, no copy
-    paths = cache.frame["path"].to_numpy()
     labels = cache.frame["label"].to_numpy(dtype=np.int64)
     order = epoch_order(len(cache.frame), epochs, seed)
-    augment = augment_stage(config, seed)
     size, stride = config.pretrain.batch_size, config.pretrain.batch_size * world
     count = len(order) // stride
 
-    def batch(k: int) -> dict[str, np.ndarray]:
+    def batch(k: int) -> dict[str, Any]:
         rows = order[k * stride + rank * size : k * stride + (rank + 1) * size]
-        ok = np.ones(len(rows), dtype=bool)
-        return augment({"path": paths[rows], "image": images[rows], "ok": ok, "label": labels[rows]})
+        out = {"image": images[rows], "label": labels[rows]}  # decoded at the model's input side already
+        return prepare(out) if prepare is not None else out
 
     first = start % count if count else 0
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(batch, first) if count else None
+        pending = deque(pool.submit(batch, k) for k in range(first, min(first + max(prefetch, 1), count)))
         for k in range(first, count):
-            assert pending is not None
-            ready = pending.result()
-            if k + 1 < count:
-                pending = pool.submit(batch, k + 1)
+            ready = pending.popleft().result()
+            if k + len(pending) + 1 < count:
+                pending.append(pool.submit(batch, k + len(pending) + 1))
             yield ready
 
 
@@ -340,17 +300,18 @@ def decode_here(
     options = _decode_options(config, size)
     out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     failed: dict[int, BadImage] = {}
-    read = ReadBytes(config.data.storage_options)
+    read = ReadBytes.for_data(config.data)
 
-    def part(first: int) -> None:
-        chunk = paths[first : first + DECODE_HERE_CHUNK]
+    def part(rows: np.ndarray) -> None:
+        chunk = [paths[i] for i in rows]
         blobs = read({"path": np.asarray(chunk, dtype=object)})["bytes"]
-        for i, blob in enumerate(blobs, start=first):
+        for i, blob in zip(rows, blobs, strict=True):
             try:
                 out[i] = decode_image(blob, options)
             except BadImage as e:
                 failed[i] = e
 
+    # `chunk` objects per part, or every row of one shard / Parquet row group in one part (read once)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(part, range(0, len(paths), DECODE_HERE_CHUNK)))
+        list(pool.map(part, read_parts(paths, config.data, DECODE_HERE_CHUNK)))
     return out, dict(sorted(failed.items()))

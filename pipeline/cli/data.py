@@ -96,7 +96,13 @@ def print_score_summary(manifest: object, method: str) -> None:
 @app.command()
 def curate(
     input_url: Annotated[
-        str | None, typer.Option("--input", "-i", help="Image folder URL: <root>/<class>/<file>.")
+        str | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="Image folder URL (<root>/<class>/<file>), WebDataset shards (a prefix or brace pattern of "
+            ".tar files) or Parquet image tables; see data.format.",
+        ),
     ] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Where the manifests go.")] = None,
     score: Annotated[str | None, typer.Option(help="el2n | grand | forgetting | prototype | none")] = None,
@@ -112,8 +118,8 @@ def curate(
     """Read, decode, score and prune images; write OUTPUT/manifest.parquet and OUTPUT/quarantine.parquet."""
     from pipeline.core.results import write_result
     from pipeline.core.runtime import ray_session
-    from pipeline.core.storage import check_readable
     from pipeline.curate import curate as run_curate
+    from stages.formats import check_input
 
     with command_context(verbose):
         cfg = make_config(
@@ -129,7 +135,7 @@ def curate(
         if not cfg.data.input:
             raise ConfigError("no input: pass --input URL or set data.input")
         # a missing bucket or bad credentials fail here, in a second, not after Ray has started
-        check_readable(cfg.data.input, cfg.data.storage_options)
+        check_input(cfg.data)
         with ray_session(cfg.ray), progress_display() as progress:
             result = run_curate(cfg, progress=progress)  # type: ignore[arg-type]
         outputs = {

@@ -86,6 +86,7 @@ def pretrain(
         ("loss first → final", loss_change(result.first_loss, result.final_loss)),
         ("val loss", val),
         ("images/s", f"{result.images_per_s:.0f}"),
+        ("first step after", _seconds(result.first_step_seconds)),
         ("wall time", f"{result.seconds:.0f} s"),
     ):
         table.add_row(what, value)
@@ -93,6 +94,10 @@ def pretrain(
     console.print(
         f"encoder: {result.encoder_url}\nmetrics: {result.metrics_url}\ncheckpoint: {result.checkpoint}"
     )
+
+
+def _seconds(value: float | None) -> str:
+    return f"{value:.1f} s" if value is not None else "-"
 
 
 @app.command()

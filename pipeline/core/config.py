@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import UserInputError
 
@@ -45,8 +45,23 @@ class RayConfig(_Section):
 
 
 class DataConfig(_Section):
-    input: str = ""  # fsspec URL of an image folder: <root>/<class>/<file>
-    labels: str | None = None  # optional table (csv/parquet) with columns path,label[,class_name]
+    # fsspec URL of the images: a folder <root>/<class>/<file>; a prefix, file or brace pattern of WebDataset
+    # .tar shards (s3://b/train-{000000..000099}.tar); a Parquet table or a prefix of them (stages/formats.py)
+    input: str = ""
+    # How `input` stores images. auto: decided from what the URL holds (.tar shards or a brace pattern of
+    # them → webdataset, .parquet tables and no image files → parquet, else folder).
+    format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
+    labels: str | None = None  # folders: optional table (csv/parquet) with columns path,label[,class_name]
+    # Shards and tables: class names, label i being classes[i], and text labels looked up in them. None: the
+    # sorted labels (integer labels 0..max named "0".."max"; text labels sorted, their index the label).
+    # Folders name their classes by their folders.
+    classes: list[str] | None = None
+    label_field: str | None = None  # webdataset: the .json field holding the label; None: the .cls member
+    image_column: str = "image"  # parquet: raw image bytes, or the Hugging Face {"bytes", "path"} struct
+    label_column: str | None = "label"  # parquet: integer or class-name labels; None: unlabeled (-1)
+    # A shard sample or table row without a label: a quarantine row (reason missing-label), or unlabeled
+    # (label -1: enough for --score none|prototype and for pretraining).
+    missing_label: Literal["quarantine", "unlabeled"] = "quarantine"
     storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec; never logged
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"]
@@ -134,8 +149,11 @@ class PretrainConfig(_Section):
     checkpoint_every: int = Field(100, ge=1)
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
-    log_every: int = Field(10, ge=1)
-    augment: bool = True  # random resized crop + flip
+    log_every: int = Field(10, ge=1)  # steps between metrics lines: losses stay on the device until then
+    # torch.compile the model's step (forward and backward, one graph): "auto" compiles on GPU workers only
+    # (on CPU the compile, ~30 s for the micro model on 2 cores, costs more than a short run wins back)
+    compile: Literal["auto", "on", "off"] = "auto"
+    augment: bool = True  # random resized crop + flip, on the training device in batch form
     seed: int = 0
     warm_start: str | None = None  # encoder.pth or checkpoint dir to start from
     eval_every: int = Field(20, ge=1)  # steps between val_loss evaluations and ray.train.report calls
@@ -146,6 +164,12 @@ class PretrainConfig(_Section):
     # Training images that fit this budget decoded (N × S × S × 3 bytes at the model's input side S) are read
     # and decoded once and kept in Ray's object store; 0: read and decode them from storage every epoch.
     cache_decoded_mib: int = Field(512, ge=0)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: Any) -> Any:
+        """YAML reads a bare on/off/true/false as a bool: take it as "on"/"off"."""
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 class EvaluateConfig(_Section):

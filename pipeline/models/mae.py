@@ -276,11 +276,16 @@ class MaskedAutoencoder(nn.Module):
     # ------------------------------------------------------------------------------------------ encoder
 
     def forward_encoder(
-        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float,
+        noise: torch.Tensor | None = None,
+        len_keep: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """imgs (N, 3, H, W) → latent (N, 1 + len_keep, D), mask (N, L), ids_restore (N, L).
 
-        `noise` (N, L) chooses the mask (lowest kept); None draws uniform noise (random masking).
+        `noise` (N, L) chooses the mask (lowest kept); None draws uniform noise (random masking). `len_keep`,
+        when given, is the visible count in place of `num_kept(L, mask_ratio)` (see `forward`).
         """
         x = self.patch_embed(imgs)  # (N, L, D)
         x = x + self.pos_embed[:, 1:, :]
@@ -288,7 +293,9 @@ class MaskedAutoencoder(nn.Module):
         if noise is None:
             noise = random_noise(n, length, x.device)
         assert noise.shape == (n, length), f"noise must be (N, L) = {(n, length)}, got {tuple(noise.shape)}"
-        ids_keep, mask, ids_restore = mask_from_noise(noise, num_kept(length, mask_ratio))
+        if len_keep is None:
+            len_keep = num_kept(length, mask_ratio)
+        ids_keep, mask, ids_restore = mask_from_noise(noise, len_keep)
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # (N, len_keep, D)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(n, -1, -1)
         x = torch.cat([cls, x], dim=1)  # (N, 1 + len_keep, D)
@@ -342,9 +349,10 @@ class MaskedAutoencoder(nn.Module):
         """Mean of per-patch MSE over masked patches only (mask 1 = removed). With nothing masked
         (ratio 0, e.g. the step-time baseline) it is the mean over all patches: a plain autoencoder."""
         per_patch = self.patch_losses(imgs, pred)
-        if float(mask.sum()) == 0.0:
-            return per_patch.mean()
-        return (per_patch * mask).sum() / mask.sum()
+        # No host sync (no `if mask.sum()`): both branches are computed on the device and one is kept, so the
+        # step compiles to one graph; the clamp only keeps the unused branch finite when nothing is masked.
+        masked = mask.sum()
+        return torch.where(masked > 0, (per_patch * mask).sum() / masked.clamp_min(1.0), per_patch.mean())
 
     def forward(
         self,
@@ -352,13 +360,17 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: float = 0.75,
         noise: torch.Tensor | None = None,
         loss_head_weight: float = 1.0,
+        len_keep: int | None = None,
     ) -> MAEOutput:
         """→ MAEOutput(loss, pred (N, L, p*p*3), mask (N, L) with 1 = masked, recon_loss, rank_loss).
 
         `loss` is what to minimise: the reconstruction loss, plus `loss_head_weight` × the loss head's
         ranking loss when the model has one (hard-patch mining); otherwise the two are equal.
+        `len_keep` (visible patches per sample) overrides `num_kept(L, mask_ratio)`: the compiled training
+        step passes it, since torch.compile guards on the float ratio (a ratio schedule would recompile the
+        graph at every new ratio) but makes an int that changes a dynamic size after one recompile.
         """
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, len_keep)
         features = self._decode_tokens(latent, ids_restore)  # (N, L, Dd)
         pred = self.decoder_pred(features)
         recon = self.forward_loss(imgs, pred, mask)
@@ -433,8 +445,8 @@ def ranking_loss(pred: torch.Tensor, actual: torch.Tensor, mask: torch.Tensor) -
     pred_j = torch.gather(pred, 1, order)
     actual_j = torch.gather(actual, 1, order)
     both = mask * torch.gather(mask, 1, order)  # pairs of two masked patches
-    if float(both.sum()) == 0.0:
-        return pred.sum() * 0.0
     target = (actual > actual_j).float()
     per_pair = F.binary_cross_entropy_with_logits(pred - pred_j, target, reduction="none")
-    return (per_pair * both).sum() / both.sum()
+    # With no pair the sum is 0 (and so is its gradient): the clamp stands in for `if both.sum() == 0`,
+    # which would read the count back to the host every step.
+    return (per_pair * both).sum() / both.sum().clamp_min(1.0)

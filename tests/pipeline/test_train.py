@@ -6,6 +6,8 @@ them from S3 through Ray Data every epoch (`pretrain.cache_decoded_mib=0`), the 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,16 @@ from pipeline.demo_data import DemoSpec, write_demo_data
 from pipeline.models.checkpoint import read_encoder_state, size_from_state
 from pipeline.models.mae import timm_encoder
 from pipeline.train import TrainingDiverged, build_trainer, pretrain, worker_resources
-from pipeline.train_loop import MetricWindow, RunState, StepResult, checkpoint_due, log_due, report_due
+from pipeline.train_loop import (
+    MetricWindow,
+    RunState,
+    StepResult,
+    Worker,
+    checkpoint_due,
+    compile_enabled,
+    log_due,
+    report_due,
+)
 from stages.manifest import write_manifest
 from stages.read import list_images
 
@@ -85,22 +96,112 @@ def test_log_report_and_checkpoint_steps() -> None:
     assert [s for s in steps if log_due(s, pre)] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
 
 
+def _result(loss: float, recon: float, lr: float = 0.1, ratio: float = 0.75) -> StepResult:
+    return StepResult(losses=torch.tensor([loss, recon]), lr=lr, mask_ratio=ratio, images=16)
+
+
 def test_metric_window_lines() -> None:
-    """A metrics.jsonl line: mean losses over its steps, throughput without the run's first step (pipeline
-    warm-up), keys in the order the file has always had; the first line after a resume says where."""
+    """A metrics.jsonl line: mean losses over its steps (kept as tensors until the line), throughput without
+    the run's first step (pipeline warm-up), keys in the order the file has always had; the first line
+    after a resume says where, the first after a start carries its first step's time."""
     window = MetricWindow()
     window.start_pass()
-    step = StepResult(loss=2.0, recon_loss=1.0, lr=0.1, mask_ratio=0.75, images=16)
+    step = _result(2.0, 1.0)
     window.add(step)
-    window.add(StepResult(loss=4.0, recon_loss=3.0, lr=0.2, mask_ratio=0.7, images=16))
+    window.add(_result(4.0, 3.0, lr=0.2, ratio=0.7))
+    assert window.steps == 2 and all(isinstance(t, torch.Tensor) for t in window.losses)
     line = window.line(2, step)
     assert list(line) == ["step", "loss", "recon_loss", "lr", "mask_ratio", "images_per_s", "time"]
     assert (line["step"], line["loss"], line["recon_loss"], line["lr"]) == (2, 3.0, 2.0, 0.1)
     assert line["images_per_s"] > 0  # 16 images over the second step's time
-    run = RunState(step=120, resumed_from=120)
+    assert window.steps == 0 and window.nonfinite is None
+    run = RunState(step=120, resumed_from=120, first_step_time=1234.5)
     run.add_line({"step": 130})
     run.add_line({"step": 140})
-    assert run.history == [{"step": 130, "resumed_from": 120}, {"step": 140}] and run.latest == {"step": 140}
+    assert run.history == [{"step": 130, "resumed_from": 120, "first_step_time": 1234.5}, {"step": 140}]
+    assert run.latest == {"step": 140}
+
+
+def test_metric_window_finds_the_first_non_finite_step() -> None:
+    """Divergence is found when the window is read back, and named by the step where it began."""
+    window = MetricWindow()
+    for loss in (1.0, 2.0, float("nan"), float("inf")):
+        window.add(_result(loss, loss))
+    line = window.line(14, _result(0.0, 0.0))  # steps 11..14
+    assert math.isnan(line["loss"]) and window.nonfinite is not None
+    assert window.nonfinite[0] == 13 and math.isnan(window.nonfinite[1])
+
+
+def test_compile_follows_the_setting_and_the_device() -> None:
+    cpu, gpu = Worker(0, 1, torch.device("cpu")), Worker(0, 1, torch.device("cuda"))
+    pre = load_config().pretrain
+    assert pre.compile == "auto" and not compile_enabled(pre, cpu) and compile_enabled(pre, gpu)
+    on = load_config(overrides=["pretrain.compile=on"]).pretrain  # YAML's bare `on` is a bool: taken as "on"
+    off = load_config(overrides=["pretrain.compile=off"]).pretrain
+    assert compile_enabled(on, cpu) and not compile_enabled(off, gpu)
+
+
+def test_first_step_seconds_counts_from_this_call() -> None:
+    from pipeline.train import first_step_seconds
+
+    history = [{"step": 10, "first_step_time": 100.0}, {"step": 20}, {"step": 30, "first_step_time": 250.0}]
+    assert first_step_seconds(history, called=90.0) == 10.0
+    assert first_step_seconds(history, called=200.0) == 50.0  # a resumed run: the earlier call's is older
+    assert first_step_seconds(history, called=300.0) is None
+
+
+@pytest.mark.slow  # inductor compiles the micro model's step in ~30 s on 2 cores (cached afterwards)
+def test_compiled_step_trains_as_the_eager_step() -> None:
+    """`pretrain.compile=on` on CPU: the same losses as eager, step after step, for the random and the block
+    mask, through a mask-ratio schedule (one recompile: the visible count becomes a dynamic size)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from pipeline.models.mae import MaskedAutoencoder, size_of
+    from pipeline.train_loop import (
+        TrainModel,
+        build_augment,
+        build_masker,
+        build_optimizer,
+        peak_lr,
+        train_step,
+    )
+
+    worker = Worker(0, 1, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    batches = [
+        {"image": torch.from_numpy(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))} for _ in range(4)
+    ]
+    for strategy in ("random", "block"):
+        torch._dynamo.reset()
+        config = load_config(
+            overrides=[
+                "pretrain.model=mae_vit_micro_patch4",
+                "decode.image_size=32",
+                "pretrain.steps=4",
+                "pretrain.warmup_steps=1",
+                f"pretrain.mask.strategy={strategy}",
+                "pretrain.mask.schedule=linear",
+                "pretrain.mask.ratio_end=0.6",
+            ]
+        )
+        pre = config.pretrain
+        losses, counter = {}, CompileCounterWithBackend("inductor")
+        for compile_ in (False, True):
+            torch.manual_seed(0)
+            mae = MaskedAutoencoder(size_of(config))
+            model = TrainModel(
+                raw=mae,
+                ddp=mae,
+                optimizer=build_optimizer(mae, peak_lr(pre, 1), pre.weight_decay, worker.device),
+                masker=build_masker(config, mae, worker, 0),
+                peak_lr=peak_lr(pre, 1),
+                augment=build_augment(config, worker, 0),
+                forward=torch.compile(mae, backend=counter) if compile_ else mae,
+            )
+            losses[compile_] = [train_step(model, b, i, pre, worker).losses for i, b in enumerate(batches)]
+        eager, compiled = torch.stack(losses[False]), torch.stack(losses[True])
+        assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-6), (strategy, compiled, eager)
+        assert counter.frame_count <= 2, strategy  # static, then dynamic once the ratio changed
 
 
 def test_ray_train_console_level_follows_config(ray_cluster, s3_manifest, s3_bucket) -> None:
@@ -128,6 +229,7 @@ def test_pretrain_on_s3_loss_falls_and_rerun_resumes(ray_cluster, s3_manifest, s
     assert len(vals) == STEPS // EVAL_EVERY and vals[-1] < vals[0], vals
     assert result.images_per_s > 0
     assert {"step", "loss", "lr", "mask_ratio", "images_per_s"} <= set(result.history[-1])
+    assert "first_step_time" in result.history[0] and 0 < result.first_step_seconds < 600
 
     # Outputs on S3: metrics.jsonl, checkpoints and an encoder that timm loads.
     fs, _ = url_to_fs(output)
@@ -145,6 +247,7 @@ def test_pretrain_on_s3_loss_falls_and_rerun_resumes(ray_cluster, s3_manifest, s
     assert resumed.steps == STEPS + MORE
     new_lines = [h for h in resumed.history if h["step"] > STEPS]
     assert new_lines[0].get("resumed_from") == STEPS
+    assert "first_step_time" in new_lines[0] and 0 < resumed.first_step_seconds < 600  # this call's start
     assert [h["step"] for h in resumed.history[: len(losses)]] == [h["step"] for h in result.history]
     assert len(resumed.history) == (STEPS + MORE) // 10  # no step trained twice
 

@@ -1,4 +1,5 @@
-"""Stream stage: manifest on S3 (moto) → streamed, augmented training images; validation split; crops."""
+"""Stream stage: manifest on S3 (moto) → streamed, decoded training images (augmented later, on the training
+device: tests/pipeline/models/test_augment.py); the decoded cache; the validation split."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.core.config import Config, load_config
 from pipeline.core.storage import join
@@ -14,9 +16,10 @@ from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.manifest import write_manifest
 from stages.read import list_images
 from stages.stream import (
+    TrainingImages,
+    epoch_listing,
     load_images,
     load_kept,
-    random_resized_crop,
     split_validation,
     training_dataset,
 )
@@ -44,7 +47,7 @@ def _digests(ds) -> list[str]:
     return sorted(out)
 
 
-def test_manifest_streams_augmented_images_from_s3(ray_cluster, s3_manifest) -> None:
+def test_manifest_streams_decoded_images_from_s3(ray_cluster, s3_manifest) -> None:
     url, config, kept = s3_manifest
     frame = load_kept(url)
     assert len(frame) == kept and frame["kept"].all()
@@ -59,14 +62,14 @@ def test_manifest_streams_augmented_images_from_s3(ray_cluster, s3_manifest) -> 
     assert set(batches[0]) == {"image", "label"}  # only tensor columns reach the trainer
     assert set(labels) <= set(train["label"])
 
-    # Deterministic for a seed; another seed gives other crops.
-    again = _digests(training_dataset(train, config, epochs=2, seed=7))
-    assert _digests(ds) == again
-    assert again != _digests(training_dataset(train, config, epochs=2, seed=8))
-    # Augmentation changes pixels: the crops are not the plain decoded images.
+    # The CPUs only decode: every epoch holds each training image once, as decoded (no crop, no flip).
     plain = load_images(train["path"].tolist(), config)
-    plain_digests = {hashlib.sha256(img.tobytes()).hexdigest() for img in plain}
-    assert len(set(again) & plain_digests) < len(again) // 2
+    plain_digests = sorted(hashlib.sha256(img.tobytes()).hexdigest() for img in plain)
+    assert _digests(ds) == sorted(plain_digests * 2)
+    # Each epoch in its own seeded order: the same for a seed, another for another seed.
+    listing = epoch_listing(train, 2, seed=7)
+    assert sorted(listing.paths[: len(train)]) == sorted(listing.paths[len(train) :]) == sorted(train["path"])
+    assert listing.paths == epoch_listing(train, 2, seed=7).paths != epoch_listing(train, 2, seed=8).paths
 
 
 def _digest_pairs(batches) -> list[tuple[str, int]]:
@@ -117,12 +120,18 @@ def test_decoded_cache_gives_the_streamed_images_and_drops_what_no_longer_decode
     assert _digest_pairs(cached_batches(cache, config, epochs=2, seed=3, start=2)) == one[2 * 4 :]
     batches_in_all = len(one) // 4
     assert _digest_pairs(cached_batches(cache, config, epochs=2, seed=3, start=batches_in_all + 1)) == one[4:]
-    # With augmentation, deterministic for a seed, and not the plain images.
-    config.pretrain.augment = True
-    crops = _digest_pairs(cached_batches(cache, config, epochs=2, seed=3))
-    assert crops == _digest_pairs(cached_batches(cache, config, epochs=2, seed=3)) and not set(crops) & set(
-        one
-    )
+    # `prepare` runs on each batch in the prefetch thread (the trainer pins it and starts its copy to the
+    # GPU there), a few batches ahead; the batches are the same.
+    seen: list[int] = []
+
+    def prepare(batch: dict) -> dict:
+        seen.append(len(batch["image"]))
+        return {"image": torch.from_numpy(batch["image"]), "label": batch["label"]}
+
+    stream_of = cached_batches(cache, config, epochs=2, seed=3, prepare=prepare, prefetch=3)
+    first = next(stream_of)
+    assert isinstance(first["image"], torch.Tensor) and len(seen) >= 1
+    assert _digest_pairs([first, *stream_of]) == one and len(seen) == len(one) // 4
 
     here_max = stream.DECODE_HERE_MAX
 
@@ -173,15 +182,13 @@ def test_validation_split_is_stable_and_seeded() -> None:
     assert len(split_validation(frame.head(10), 20, seed=0)[1]) == 5  # at most half
 
 
-def test_random_resized_crop_shapes_and_flip() -> None:
-    rng = np.random.default_rng(0)
-    image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
-    crop = random_resized_crop(image, 16, 0.2, rng)
-    assert crop.shape == (16, 16, 3) and crop.dtype == np.uint8
-    # the flip mirrors the very same crop (same seed → same box)
-    flipped = random_resized_crop(image, 32, 0.5, np.random.default_rng(1), flip_p=1.0)
-    plain = random_resized_crop(image, 32, 0.5, np.random.default_rng(1), flip_p=0.0)
-    assert np.array_equal(flipped, plain[:, ::-1])
-    # crops cover at least scale_min of the image: a 1.0-scale crop of a constant-gradient image keeps
-    # both ends of the range
-    assert plain.min() < 40 and plain.max() > 200
+def test_training_images_stage_keeps_decoded_rows_untouched() -> None:
+    """The stage before the trainer: rows that decoded, only `image` and `label`, pixels as decoded (at
+    the model's side; resized only when the decoder gave another)."""
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    batch = {"path": np.array(["a", "b", "c"], dtype=object), "image": images, "ok": [True, False, True]}
+    out = TrainingImages(32)({**batch, "label": np.array([1, 2, 3])})
+    assert set(out) == {"image", "label"} and out["label"].tolist() == [1, 3]
+    assert np.array_equal(out["image"], images[[0, 2]])
+    smaller = TrainingImages(16)({**batch, "label": np.array([1, 2, 3])})["image"]
+    assert smaller.shape == (2, 16, 16, 3) and smaller.dtype == np.uint8

@@ -149,3 +149,23 @@ def test_training_code_does_not_import_timm() -> None:
 
     code = "import sys, pipeline.train, pipeline.models.mae; sys.exit('timm' in sys.modules or 'torchvision' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_losses_need_no_masked_count_on_the_host(model) -> None:
+    """forward_loss and ranking_loss pick their branch on the device: with nothing masked the reconstruction
+    loss is the mean over all patches, and the ranking loss is 0 with no gradient; else the masked means."""
+    from pipeline.models.mae import ranking_loss
+
+    torch.manual_seed(2)
+    imgs, pred = torch.randn(2, 3, 32, 32), torch.randn(2, 64, 48)
+    per_patch = model.patch_losses(imgs, pred)
+    none = torch.zeros(2, 64)
+    assert torch.equal(model.forward_loss(imgs, pred, none), per_patch.mean())
+    some = (torch.rand(2, 64) < 0.75).float()
+    assert torch.equal(model.forward_loss(imgs, pred, some), (per_patch * some).sum() / some.sum())
+
+    scores = torch.randn(2, 64, requires_grad=True)
+    zero = ranking_loss(scores, per_patch, none)
+    zero.backward()
+    assert float(zero.detach()) == 0.0 and scores.grad is not None and not scores.grad.any()
+    assert float(ranking_loss(scores, per_patch, some).detach()) > 0
