@@ -331,6 +331,11 @@ def labeled_names(
         from stages.manifest import read_table
 
         frame, _ = read_table(data_url, config.data.storage_options)
+        if not {"path", "label"} <= set(frame.columns):  # an image table, not a manifest
+            raise UserInputError(
+                f"{data_url} has no path/label columns: evaluation reads an image folder or a manifest; "
+                "curate an image table or shards first and pass --data OUTPUT/manifest.parquet"
+            )
         frame = frame[frame["label"].fillna(-1).astype(int) >= 0].sort_values("path")
         names = frame["label"].astype(np.int64).astype(str)
         if "class_name" in frame.columns:

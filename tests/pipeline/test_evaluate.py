@@ -248,3 +248,17 @@ def test_labels_come_from_demo_truth_not_the_noisy_folders(tmp_path) -> None:
     (moved / "_truth.parquet").unlink()  # without truth: the folder names, noise and all
     _, folder_labels = load_labeled(str(moved), config, 16)
     assert folder_labels.tolist() == truth["given_label"].tolist()
+
+
+def test_an_image_table_given_as_evaluation_data_says_to_curate_it_first(tmp_path) -> None:
+    """Any .parquet was read as a manifest: an image table failed with a KeyError (a bug, not the user's)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.core.errors import UserInputError
+    from pipeline.evaluate import labeled_names
+
+    table = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"image": [b"\x89PNG"], "label": [0]}), table)
+    with pytest.raises(UserInputError, match="curate an image table or shards first"):
+        labeled_names(str(table), load_config(None))
