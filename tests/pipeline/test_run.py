@@ -142,18 +142,20 @@ def test_previous_run_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.
 
 @pytest.mark.slow
 def test_run_over_webdataset_shards(ray_cluster: None, demo_folder: Path, tmp_path: Path) -> None:
-    """`maskdiet run` end to end on shards: curate, pretrain from `shard.tar#key` paths, and evaluate on the
-    curated samples (there is no folder to list), with every artifact in the run directory."""
+    """`maskdiet run` end to end on shards: curate, pretrain streaming `shard.tar#key` paths through Ray Data
+    (no decoded cache), and evaluate on the curated samples (there is no folder to list)."""
     from tests.stages.test_formats import folder_items, write_shards
 
     items, _ = folder_items(demo_folder)
     write_shards(items, str(tmp_path / "shards"), per_shard=64)
     output = tmp_path / "out"
     args = ["run", "--set", f"data.input={tmp_path / 'shards'}", "--set", f"output={output}", *FAST]
+    args += ["--set", "pretrain.cache_decoded_mib=0"]  # stream the shards every epoch
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     run_dir = Path((output / "runs" / "latest").read_text())
     manifest = pd.read_parquet(run_dir / "manifest.parquet")
     assert manifest["path"].str.contains(r"\.tar#").all()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == TINY_RUN["pretrain.steps"]
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["num_train"] + evaluation["num_test"] == len(manifest)

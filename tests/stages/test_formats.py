@@ -41,7 +41,7 @@ from stages.read import ReadBytes, grouped_blocks, list_source, member_groups
 from stages.read_parquet import TableOptions, group_rows
 from stages.read_webdataset import ShardOptions, shard_rows
 from stages.stream import epoch_listing, load_images, load_kept, training_dataset
-from tests.tiny import TINY_CURATE, TINY_PRETRAIN, as_overrides
+from tests.tiny import TINY_CURATE, as_overrides
 
 
 @dataclass(frozen=True)
@@ -381,25 +381,3 @@ def test_an_incremental_curate_over_grown_shards_scores_only_the_new_samples(
     old = first.manifest.set_index("sha256")["el2n"]
     again = second.manifest.set_index("sha256")["el2n"].loc[old.index]
     np.testing.assert_allclose(again.to_numpy(), old.to_numpy())  # cached scores, not new ones
-
-
-@pytest.mark.slow
-def test_pretrain_streams_from_a_webdataset_manifest(ray_cluster: None, demo: Path, tmp_path: Path) -> None:
-    from pipeline.train import pretrain
-
-    items, _ = folder_items(demo)
-    write_shards(items, str(tmp_path / "wds"), per_shard=10)
-    curated = curate_none(str(tmp_path / "wds"), str(tmp_path / "out"))
-    config = load_config(
-        None,
-        [
-            *as_overrides(TINY_PRETRAIN),
-            "pretrain.num_workers=1",
-            "pretrain.cpus_per_worker=0.5",
-            "pretrain.cache_decoded_mib=0",  # stream the shards through Ray Data every epoch
-            "data.read_batch_size=8",
-        ],
-    )
-    result = pretrain(config, curated.manifest_url, str(tmp_path / "pretrain"), run_name="wds")
-    assert result.steps == TINY_PRETRAIN["pretrain.steps"]
-    assert Path(result.encoder_url).exists()
