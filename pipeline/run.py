@@ -29,8 +29,8 @@ import pandas as pd
 import yaml
 
 from pipeline.core.config import Config, dump_config
-from pipeline.core.runs import LATEST, publish, published_run, run_dir_for
-from pipeline.core.storage import absolute_url, atomic_write_bytes, exists, join, read_bytes
+from pipeline.core.runs import LATEST, publish, published_run, run_dir_for, run_location
+from pipeline.core.storage import atomic_write_bytes, exists, join, read_bytes
 from pipeline.curate import CurateResult, Progress, curate, new_run_id
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def resolve_previous(output: str, previous: str, storage_options: dict[str, Any]
     """`latest` → the run dir published in `<output>/runs/latest` (None when there is none); else as given,
     a relative local path made absolute (Train workers, which load its encoder, run in other folders)."""
     if previous != LATEST:
-        return previous.rstrip("/") if "://" in previous else absolute_url(previous)
+        return run_location(previous)
     return published_run(output, storage_options)
 
 

@@ -43,10 +43,16 @@ def published_run(output: str, storage_options: dict[str, Any] | None = None) ->
     return read_bytes(pointer, storage_options).decode().strip()
 
 
+def run_location(url: str) -> str:
+    """A run directory's URL as given, normalised: no trailing slash on object stores, local paths absolute
+    (Train workers, which load a run's encoder, run in other folders)."""
+    return url.rstrip("/") if "://" in url else absolute_url(url)
+
+
 def resolve_run(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """The run directory a user means: an output folder with a published run gives that run; anything else
     is taken as a run directory itself (made absolute when local)."""
-    url = url.rstrip("/") if "://" in url else absolute_url(url)
+    url = run_location(url)
     published = published_run(url, storage_options)
     if published:
         return published

@@ -97,11 +97,10 @@ def check_readable(url: str, storage_options: dict[str, Any] | None = None) -> N
     """Fail early with a clear message when `url` cannot be listed (missing bucket, bad credentials)."""
     fs, path = url_to_fs(url, storage_options)
     try:
-        ok = fs.exists(path)
-    except PermissionError as e:
-        raise StorageError(
-            f"access denied to {url}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options ({e})"
-        ) from None
+        with user_facing(url):  # access denied: a StorageError naming the credentials to check
+            ok = fs.exists(path)
+    except StorageError:
+        raise
     except Exception as e:  # botocore and gcsfs raise their own types
         raise StorageError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
     if not ok:
