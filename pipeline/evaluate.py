@@ -44,8 +44,10 @@ from pipeline.core.config import Config
 from pipeline.core.errors import UserInputError
 from pipeline.core.storage import exists, join, read_bytes
 from pipeline.models.checkpoint import (
+    ENCODER_PREFIXES,
     encoder_from_state,
     extract_features,
+    pool_tokens,
     read_encoder_state,
     size_from_state,
 )
@@ -57,7 +59,6 @@ TRUTH_NAME = "_truth.parquet"  # demo truth beside the images (pipeline/demo_dat
 FINETUNE_WEIGHT_DECAY = 0.05  # MAE's fine-tuning recipe
 FINETUNE_LABEL_SMOOTHING = 0.1
 FINETUNE_WARMUP = 0.1  # share of the steps with a linear lr warmup
-ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
 @dataclass
@@ -179,11 +180,6 @@ def pixel_features(images: np.ndarray, batch: int = 1024) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- fine-tune
 
 
-def _pool(tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """(N, 1 + L, D) → (N, D): the CLS token or the mean patch token, as `extract_features` pools."""
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
-
-
 def _layer_id(name: str, depth: int) -> int:
     """MAE's layer index for layer-wise lr decay: embeddings 0, block i → i + 1, the final norm depth + 1."""
     if name.startswith(("cls_token", "pos_embed", "patch_embed.")):
@@ -263,7 +259,7 @@ def finetune_accuracy(
 
     def logits(images: np.ndarray) -> torch.Tensor:
         x = normalize_images(torch.from_numpy(np.ascontiguousarray(images)).to(device))
-        return head(_pool(model.encode(x), pool))
+        return head(pool_tokens(model.encode(x), pool))
 
     for _ in range(epochs):
         order = torch.randperm(len(train_images), generator=generator).numpy()

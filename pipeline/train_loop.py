@@ -46,7 +46,7 @@ from pipeline.core.errors import UserInputError
 from pipeline.core.ray_compat import quiet_train_report_lines
 from pipeline.core.storage import atomic_write_bytes, join
 from pipeline.models.augment import BatchAugment, to_device
-from pipeline.models.checkpoint import encoder_bytes, load_warm_start
+from pipeline.models.checkpoint import export_encoder, load_warm_start
 from pipeline.models.mae import MaskedAutoencoder, normalize_images, num_kept, size_of
 from pipeline.models.masking import Masker
 from pipeline.models.schedules import lr_at, mask_ratio_at
@@ -571,9 +571,7 @@ class Reporter:
         if not run.reported:
             ray.train.report({k: v for k, v in run.latest.items() if k != "time"} | {"step": run.step})
         if self.worker.rank == 0:
-            atomic_write_bytes(
-                join(self.output, ENCODER_NAME), encoder_bytes(model.raw), self.config.data.storage_options
-            )
+            export_encoder(model.raw, join(self.output, ENCODER_NAME), self.config.data.storage_options)
 
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
         if self.worker.rank == 0:

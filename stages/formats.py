@@ -149,7 +149,7 @@ def expand_braces(pattern: str) -> list[str]:
     return [head + option + rest for option in options for rest in rests]
 
 
-def _hidden(relative: str) -> bool:
+def is_hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
@@ -197,7 +197,7 @@ def find_inputs(data: DataConfig) -> Found:
     if fs.isfile(path):
         return Found(fs, posixpath.dirname(path), [path], named=True)
     root = path.rstrip("/")
-    files = sorted(p for p in fs.find(root) if not _hidden(posixpath.relpath(p, root)))
+    files = sorted(p for p in fs.find(root) if not is_hidden(posixpath.relpath(p, root)))
     return Found(fs, root, files, named=False)
 
 

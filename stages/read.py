@@ -50,6 +50,7 @@ from stages.formats import (
     Found,
     detect_format,
     find_inputs,
+    is_hidden,
     is_tar,
     split_member,
 )
@@ -97,10 +98,6 @@ class ImageListing:
             class_names=[self.class_names[i] for i in rows],
             classes=self.classes,
         )
-
-
-def _hidden(relative: str) -> bool:
-    return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
 def _read_labels_table(url: str, storage_options: dict[str, Any]) -> pd.DataFrame:
@@ -173,7 +170,7 @@ def container_reader(listing: ContainerListing, config: DataConfig) -> Stage:
 def _folder_listing(config: DataConfig, fs: Any, root: str, files: Sequence[str]) -> ImageListing:
     extensions = tuple(e.lower() for e in config.extensions)
     found = sorted(
-        p for p in files if p.lower().endswith(extensions) and not _hidden(posixpath.relpath(p, root))
+        p for p in files if p.lower().endswith(extensions) and not is_hidden(posixpath.relpath(p, root))
     )
     if config.labels:
         return _listing_from_table(config, fs, root, found)

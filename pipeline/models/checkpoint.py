@@ -20,6 +20,9 @@ from pipeline.models.mae import SIZES, MAESize, MaskedAutoencoder, get_size, nor
 
 log = logging.getLogger(__name__)
 
+# the encoder part of a state dict, in timm ViT keys
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+
 
 def encoder_bytes(model: MaskedAutoencoder) -> bytes:
     """`encoder.pth` as bytes: a plain state dict with timm keys (loadable with torch.load, weights_only)."""
@@ -49,8 +52,7 @@ def read_encoder_state(url: str, storage_options: dict[str, Any] | None = None) 
     state = torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location="cpu", weights_only=False)
     if isinstance(state, dict) and "model" in state:
         state = state["model"]
-    prefixes = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
 
 
 def size_from_state(state: dict[str, torch.Tensor], hint: str | None = None) -> MAESize:
@@ -88,6 +90,11 @@ def encoder_from_state(size: MAESize, state: dict[str, torch.Tensor] | None) -> 
     return model.eval()
 
 
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """(N, 1 + L, D) → (N, D): the CLS token (`pool="cls"`) or the mean patch token."""
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+
+
 @torch.no_grad()
 def extract_features(
     encoder: MaskedAutoencoder, images: np.ndarray, pool: str = "mean", batch: int = 256
@@ -97,7 +104,7 @@ def extract_features(
     for start in range(0, len(images), batch):
         x = normalize_images(torch.from_numpy(np.ascontiguousarray(images[start : start + batch])))
         tokens = encoder.encode(x)  # (n, 1 + L, D)
-        out.append(tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1))
+        out.append(pool_tokens(tokens, pool))
     return torch.cat(out).float()
 
 

@@ -42,6 +42,7 @@ from typing import Any
 from pipeline.core.config import override_key
 from pipeline.core.errors import MaskdietError, UserInputError
 from pipeline.core.results import read_result, result_url
+from pipeline.core.runs import run_dir_for
 from pipeline.core.storage import join
 
 log = logging.getLogger(__name__)
@@ -456,7 +457,7 @@ class JobState:
             return self.outputs["run_dir"]
         meta = self.metadata
         if meta.get("command") == "run" and meta.get("output") and meta.get("run_id"):
-            return join(meta["output"], "runs", meta["run_id"])
+            return run_dir_for(meta["output"], meta["run_id"])
         return None
 
 
@@ -536,7 +537,7 @@ def result_location(state: JobState) -> ResultLocation | None:
             root = settings.tune_output or join(_known_folder(settings.output, "output"), "sweeps")
             dir_url = join(_known_folder(root, "sweep folder (tune.output)"), settings.run_id)
         elif subcommand == "run":
-            dir_url = join(_known_folder(settings.output, "output"), "runs", settings.run_id)
+            dir_url = run_dir_for(_known_folder(settings.output, "output"), settings.run_id)
         else:
             dir_url = _known_folder(settings.output, "output")
     except _Unknown as e:
