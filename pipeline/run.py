@@ -32,6 +32,7 @@ from pipeline.core.config import Config, dump_config
 from pipeline.core.runs import LATEST, publish, published_run, run_dir_for, run_location
 from pipeline.core.storage import atomic_write_bytes, exists, join, read_bytes
 from pipeline.curate import CurateResult, Progress, curate, new_run_id
+from pipeline.tracking import Tracker, tracked
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,23 @@ def run_pipeline(
     config = config.model_copy(update=updates)
     atomic_write_bytes(join(run_dir, "config.yaml"), dump_config(config).encode(), so)
     log.info("run %s → %s", run_id, run_dir)
+    with tracked(config.tracking, run_id, key=run_dir, storage_options=so) as tracker:
+        tracker.log_config(config)
+        return _run_stages(config, run_dir, previous_dir, progress, stages, tracker, start)
 
+
+def _run_stages(
+    config: Config,
+    run_dir: str,
+    previous_dir: str | None,
+    progress: Progress | None,
+    stages: tuple[str, ...],
+    tracker: Tracker,
+    start: float,
+) -> RunResult:
+    """curate → pretrain → evaluate → report into `run_dir`, then publish it; logged to `tracker`."""
+    so = config.data.storage_options
+    run_id = str(config.run_id)
     curated = curate(config, progress=progress, run_dir=run_dir)
     summary: dict[str, Any] = {
         "run_id": run_id,
@@ -133,7 +150,12 @@ def run_pipeline(
         from pipeline.train import pretrain
 
         trained = pretrain(
-            config, curated.manifest_url, run_dir, run_name=f"pretrain-{run_id}", progress=progress
+            config,
+            curated.manifest_url,
+            run_dir,
+            run_name=f"pretrain-{run_id}",
+            progress=progress,
+            on_metrics=tracker.log_metrics,
         )
         summary.update(
             steps=trained.steps,
@@ -162,5 +184,7 @@ def run_pipeline(
 
         report_url = write_report(run_dir, so)
         summary["report"] = join(report_url, "index.html")
+    tracker.log_summary(summary)
+    tracker.log_files(run_dir, so)
     publish(config.output, run_dir, so)  # the one write that makes this run the latest
     return RunResult(run_dir=run_dir, curate=curated, summary=summary, report_url=report_url)

@@ -208,19 +208,26 @@ def pretrain(
     *,
     run_name: str = "pretrain",
     progress: Progress | None = None,
+    on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> PretrainResult:
     """Pretrain per `config` on the manifest's kept images; write `<output>/encoder.pth`, metrics and
-    checkpoints. `progress("pretrain", step, steps)` is called as metrics arrive (every eval interval)."""
+    checkpoints. `progress("pretrain", step, steps)` is called as metrics arrive (every eval interval), and
+    `on_metrics(lines)` with all metrics.jsonl lines so far (e.g. `Tracker.log_metrics`), last after fit."""
     called = time.time()  # wall clock: the workers stamp their first step with theirs
     so = config.data.storage_options
     metrics_url = join(output, METRICS_NAME)
     trainer = build_trainer(config, manifest_url, output, run_name=run_name)
     start = time.perf_counter()
-    with _watch_progress(metrics_url, so, config.pretrain.steps, progress):
+    listeners = [on_metrics] if on_metrics else []
+    if progress:
+        listeners.append(lambda lines: progress("pretrain", int(lines[-1]["step"]), config.pretrain.steps))
+    with _watch_metrics(metrics_url, so, listeners):
         result = trainer.fit()
     seconds = time.perf_counter() - start
     final = result.metrics or {}
     history = read_json_lines(metrics_url, so)
+    if on_metrics and history:
+        on_metrics(history)
     stopped = final.get("stopped") or (history[-1].get("stopped") if history else None)
     if stopped:
         raise TrainingDiverged(str(stopped))
@@ -251,24 +258,31 @@ def first_step_seconds(history: list[dict[str, Any]], called: float) -> float | 
 
 
 @contextlib.contextmanager
-def _watch_progress(
-    metrics_url: str, storage_options: dict[str, Any], steps: int, progress: Progress | None
+def _watch_metrics(
+    metrics_url: str, storage_options: dict[str, Any], listeners: list[Callable[[list[dict[str, Any]]], None]]
 ) -> Iterator[None]:
-    """While the block runs, call `progress("pretrain", step, steps)` every 2 s with the last step in
-    metrics.jsonl: Train's own results reach the driver only at the end of `fit()`."""
-    if progress is None:
+    """While the block runs, call each listener every 2 s with metrics.jsonl's lines when there are new
+    ones: Train's own results reach the driver only at the end of `fit()`."""
+    if not listeners:
         yield
         return
     stop = threading.Event()
 
     def poll() -> None:
+        seen = 0
         while not stop.wait(2.0):
             try:
                 lines = read_json_lines(metrics_url, storage_options)
-            except Exception:  # a half-listed object store must not kill the progress thread
+            except Exception:  # a half-listed object store must not kill the watcher
                 continue
-            if lines:
-                progress("pretrain", int(lines[-1]["step"]), steps)
+            if len(lines) == seen:
+                continue
+            seen = len(lines)
+            for listener in listeners:
+                try:
+                    listener(lines)
+                except Exception as error:  # a tracking server hiccup must not stop the training
+                    log.warning("metrics listener failed: %s", error)
 
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()

@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.evaluate",
         "pipeline.report",
         "pipeline.demo_data",
+        "pipeline.tracking",
     ),
     ("stages",),
     ("pipeline.models",),

@@ -444,8 +444,23 @@ def _tuner(
             storage_filesystem=storage_fs,
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=verbose,
+            callbacks=_tracking_callbacks(config, base, sweep),
         ),
     )
+
+
+def _tracking_callbacks(config: Config, base: Config, sweep: _Sweep) -> list[Any]:
+    """One tracked run per trial when `tracking` names MLflow or TensorBoard (MLflow's install checked
+    here, before any trial starts)."""
+    tracking = config.tracking
+    if not (tracking.mlflow_uri or tracking.tensorboard_dir):
+        return []
+    from pipeline.tracking import mlflow_client
+    from tuning.tracking import TrackTrials
+
+    if tracking.mlflow_uri:
+        mlflow_client(tracking.mlflow_uri)
+    return [TrackTrials(config, base.model_dump(), sweep.sweep_dir, sweep.name)]
 
 
 def _scheduler(config: Config, space: SearchSpace, asha: Any, fifo: Any) -> Any:

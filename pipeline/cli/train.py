@@ -55,6 +55,7 @@ def pretrain(
     from pipeline.core.storage import check_readable, join
     from pipeline.models.mae import size_of
     from pipeline.ops.jobs import current_submission_id
+    from pipeline.tracking import tracked
     from pipeline.train import pretrain as run_pretrain
     from stages.manifest import MANIFEST_NAME
 
@@ -65,8 +66,21 @@ def pretrain(
         if not manifest.endswith(".parquet"):  # a folder: the manifest of the run it publishes
             manifest = join(resolve_run(manifest, cfg.data.storage_options), MANIFEST_NAME)
         name = run_name or current_submission_id() or "pretrain"
-        with ray_session(cfg.ray), progress_display() as progress:
-            result = run_pretrain(cfg, manifest, cfg.output, run_name=name, progress=progress)  # type: ignore[arg-type]
+        so = cfg.data.storage_options
+        with (
+            tracked(cfg.tracking, name, key=join(cfg.output, name), storage_options=so) as tracker,
+            ray_session(cfg.ray),
+            progress_display() as progress,
+        ):
+            tracker.log_config(cfg)
+            result = run_pretrain(
+                cfg,
+                manifest,
+                cfg.output,
+                run_name=name,
+                progress=progress,  # type: ignore[arg-type]
+                on_metrics=tracker.log_metrics,
+            )
         outputs = {
             "encoder": result.encoder_url,
             "metrics": result.metrics_url,

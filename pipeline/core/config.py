@@ -223,6 +223,30 @@ class ScheduleConfig(_Section):
     misfire_grace_s: int = Field(300, ge=0)  # catch_up=none: a slot later than this is recorded as missed
 
 
+class ExportConfig(_Section):
+    """`curate --export`: the kept images, as the original bytes, in shards other loaders read."""
+
+    format: Literal["none", "webdataset", "parquet"] = "none"
+    # Target size of one shard (a .tar or a .parquet file): images per shard are set from the mean size of
+    # a sample of the kept images, so that shards come out near this size.
+    shard_mib: float = Field(256.0, gt=0.0)
+    # Images per shard, overriding shard_mib (e.g. 100 for many small shards in a test).
+    samples_per_shard: int | None = Field(None, ge=1)
+    prefix: str = "kept"  # shard names: <prefix>-000000.tar, <prefix>-000001.tar, ...
+
+
+class TrackingConfig(_Section):
+    """Where runs are logged besides metrics.jsonl. Both off by default; both may be on."""
+
+    # An MLflow tracking URI: file:///path (offline, a folder), sqlite:///mlflow.db, http://host:5000.
+    # Needs `pip install "maskdiet[mlflow]"`.
+    mlflow_uri: str | None = None
+    tensorboard_dir: str | None = (
+        None  # a folder (local or fsspec URL) of TensorBoard event files, one per run
+    )
+    experiment: str = "maskdiet"  # the MLflow experiment runs and sweep trials are logged under
+
+
 class Config(_Section):
     """The whole pipeline's configuration. Every key has a default; see defaults.yaml for comments."""
 
@@ -237,6 +261,8 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check_schedule_ends(self) -> Config:

@@ -143,7 +143,8 @@ def test_previous_run_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.
 @pytest.mark.slow
 def test_run_over_webdataset_shards(ray_cluster: None, demo_folder: Path, tmp_path: Path) -> None:
     """`maskdiet run` end to end on shards: curate, pretrain streaming `shard.tar#key` paths through Ray Data
-    (no decoded cache), and evaluate on the curated samples (there is no folder to list)."""
+    (no decoded cache), and evaluate on the curated samples (there is no folder to list). The run is tracked
+    in an MLflow file store and TensorBoard event files, read back here."""
     from tests.stages.test_formats import folder_items, write_shards
 
     items, _ = folder_items(demo_folder)
@@ -151,6 +152,8 @@ def test_run_over_webdataset_shards(ray_cluster: None, demo_folder: Path, tmp_pa
     output = tmp_path / "out"
     args = ["run", "--set", f"data.input={tmp_path / 'shards'}", "--set", f"output={output}", *FAST]
     args += ["--set", "pretrain.cache_decoded_mib=0"]  # stream the shards every epoch
+    mlruns, tensorboard = f"file://{tmp_path / 'mlruns'}", tmp_path / "tb"
+    args += ["--set", f"tracking.mlflow_uri={mlruns}", "--set", f"tracking.tensorboard_dir={tensorboard}"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     run_dir = Path((output / "runs" / "latest").read_text())
@@ -159,3 +162,19 @@ def test_run_over_webdataset_shards(ray_cluster: None, demo_folder: Path, tmp_pa
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == TINY_RUN["pretrain.steps"]
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["num_train"] + evaluation["num_test"] == len(manifest)
+
+    from pipeline.tracking import KEY_TAG, mlflow_client, read_scalars
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    client = mlflow_client(mlruns)
+    experiment = client.get_experiment_by_name("maskdiet").experiment_id
+    (tracked,) = client.search_runs([experiment], filter_string=f"tags.`{KEY_TAG}` = '{run_dir}'")
+    assert tracked.info.status == "FINISHED" and tracked.info.run_name == run_dir.name
+    assert tracked.data.params["data.input"] == str(tmp_path / "shards")
+    history = client.get_metric_history(tracked.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(line["step"], line["loss"]) for line in metrics]
+    assert tracked.data.metrics["summary/kept"] == int(manifest["kept"].sum())
+    artifacts = {a.path for a in client.list_artifacts(tracked.info.run_id)}
+    assert {"config.yaml", "summary.json", "evaluation.json", "metrics.jsonl", "report"} <= artifacts
+    scalars = read_scalars(tensorboard / run_dir.name)
+    assert [step for step, _ in scalars["loss"]] == [line["step"] for line in metrics]

@@ -201,7 +201,9 @@ def test_sweep_interrupt_resume_asha_and_best_config(
     from pipeline.train import pretrain
     from tuning.sweep import count_attempts, run_sweep
 
-    config_path = sweep_yaml(tmp_path, demo_manifest)
+    mlruns = f"file://{tmp_path / 'mlruns'}"
+    tracking = {"mlflow_uri": mlruns, "tensorboard_dir": str(tmp_path / "tb")}
+    config_path = sweep_yaml(tmp_path, demo_manifest, tracking=tracking)
     sweeps = tmp_path / "out" / "sweeps"
     address = ray.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -263,6 +265,21 @@ def test_sweep_interrupt_resume_asha_and_best_config(
     assert best.pretrain.base_lr == pytest.approx(2.0e-2)
     assert best.pretrain.mask.ratio == pytest.approx(table.iloc[0]["mask_ratio"])
     assert best.pretrain.mask.schedule == table.iloc[0]["schedule"]
+
+    # Each trial is one tracked run (MLflow, TensorBoard), continued rather than repeated across the resume.
+    from pipeline.tracking import mlflow_client, read_scalars
+
+    client = mlflow_client(mlruns)
+    runs = client.search_runs([client.get_experiment_by_name("maskdiet").experiment_id])
+    by_trial = {run.data.tags["maskdiet.trial"]: run for run in runs}
+    assert len(runs) == 4 and set(by_trial) == set(table["trial_id"])
+    for row in table.itertuples():
+        run = by_trial[row.trial_id]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == sorted(set(steps)) and steps[-1] == row.step  # no step twice, up to where it ended
+        assert float(run.data.params["trial.pretrain.base_lr"]) == pytest.approx(row.lr)
+        assert [s for s, _ in read_scalars(tmp_path / "tb" / "s1" / row.trial_id)["loss"]] == steps
+    assert {run.info.status for run in runs} == {"FINISHED"}
 
     # The best config runs pretraining as is (a few steps here).
     short = best.model_copy(
