@@ -31,6 +31,7 @@ from pipeline.core.storage import atomic_write_bytes, join, output_lock, read_by
 from stages.base import Batch, ChainStages, Progress, Stage, check_chain, run_on_driver
 from stages.decode import GOOD_COLUMNS, DecodeOptions, DecodeStage, GatherDecoded
 from stages.embed import DuplicateGroups
+from stages.export import ExportResult, export_kept
 from stages.formats import UNIT_COLUMNS, ContainerListing, finish_labels
 from stages.manifest import MANIFEST_NAME, QUARANTINE_NAME, ManifestStage, manifest_frame, write_quarantine
 from stages.prune import PruneStage, policy_for
@@ -85,6 +86,7 @@ class CurateResult:
     seconds: float
     counts: dict[str, int]
     format: str = "folder"  # folder | webdataset | parquet: what the input held
+    export: ExportResult | None = None  # the kept images as shards (`export.format`), in RUN_DIR/export/
 
     @property
     def images_per_second(self) -> float:
@@ -236,7 +238,8 @@ def curate(config: Config, progress: Progress | None = None, run_dir: str | None
     under the output's lock so that two curations never leave the copies from different runs. A reader that
     needs the two files as a pair goes through the pointer (`pipeline.core.runs.resolve_run`); a kill before
     the flip leaves the previous run published. Inside `maskdiet run` (`run_dir` given) the pair is written
-    there and the run publishes itself when it ends.
+    there and the run publishes itself when it ends. With `export.format` set, the kept images are written as
+    shards into RUN_DIR/export/ (`stages.export`) before the run is published, so they publish with it.
     """
     start = time.perf_counter()
     run_id = config.run_id or new_run_id()
@@ -273,6 +276,9 @@ def curate(config: Config, progress: Progress | None = None, run_dir: str | None
     so = config.data.storage_options
     write_quarantine(quarantine_url, decoded.quarantine, metadata, so)
     plan.manifest(rows)
+    exported = None
+    if config.export.format != "none" and len(decoded.frame):  # in the run dir, published with it
+        exported = export_kept(manifest_frame(rows), join(run_dir, "export"), config.export, config.data)
     if standalone:
         manifest_url, quarantine_url = publish_curation(config.output, run_dir, so)
     if decoded.total == 0:  # shards or tables holding no samples at all
@@ -302,4 +308,5 @@ def curate(config: Config, progress: Progress | None = None, run_dir: str | None
         seconds=seconds,
         counts=dict(counts),
         format=fmt,
+        export=exported,
     )

@@ -111,6 +111,14 @@ def curate(
         typer.Option(help="keep-hard | offset | keep-easy | class-balanced | stratified | random | none"),
     ] = None,
     keep: Annotated[float | None, typer.Option(help="Fraction of images kept (0, 1].")] = None,
+    export: Annotated[
+        str | None,
+        typer.Option(
+            help="webdataset | parquet | none: also write the kept images (original bytes, with sha256 and "
+            "scores per sample) as shards of about export.shard_mib MiB into OUTPUT/runs/<run_id>/export/, named "
+            "kept-000000.tar ... (or .parquet), for timm, litdata, mosaic streaming or `maskdiet run --input`.",
+        ),
+    ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     verbose: VerboseOption = False,
@@ -130,6 +138,7 @@ def curate(
             score__method=score,
             prune__policy=policy,
             prune__keep=keep,
+            export__format=export,
         )
         cfg = keep_flag_wins(cfg, keep, set_)
         if not cfg.data.input:
@@ -143,6 +152,8 @@ def curate(
             "quarantine": result.quarantine_url,
             "run_dir": result.run_dir,
         }
+        if result.export is not None:
+            outputs["export"] = result.export.pattern
         write_result(
             cfg.output,
             {"command": "curate", "run_id": result.run_id, "outputs": outputs},
@@ -156,6 +167,14 @@ def curate(
         f"{len(result.quarantine)} quarantined, {result.images_per_second:.0f} images/s\n"
         f"manifest: {result.manifest_url}\nquarantine: {result.quarantine_url}"
     )
+    if result.export is not None:
+        exported = result.export
+        skipped = f", {exported.skipped} skipped (gone or changed since curation)" if exported.skipped else ""
+        console.print(  # soft wrap: the pattern stays one piece to copy, however narrow the terminal
+            f"export: {exported.samples} images in {len(exported.shards)} {exported.format} shards "
+            f"({exported.bytes / 2**20:.1f} MiB){skipped}\nshards: {exported.pattern}",
+            soft_wrap=True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- pretrain, evaluate
