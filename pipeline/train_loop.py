@@ -201,7 +201,8 @@ def build_masker(config: Config, model: MaskedAutoencoder, worker: Worker, step:
 
     pre = config.pretrain
     grid = image_size(config) // model.size.patch_size
-    return Masker(pre.mask, grid, seed=pre.seed * 1_000_003 + worker.rank * 7919 + step)
+    seed = pre.seed * 1_000_003 + worker.rank * 7919 + step
+    return Masker(pre.mask, grid, seed=seed, device=worker.device)
 
 
 def build_augment(config: Config, worker: Worker, step: int) -> BatchAugment:
@@ -366,7 +367,7 @@ def train_step(
 ) -> StepResult:
     """One optimizer step on `batch` at `step` (the steps done before it): augmentation on the device, mask
     ratio and lr from their schedules, bf16 autocast on GPU only, gradient clipping. Nothing here waits
-    for the device (except hard-patch masking, whose mask is chosen on the CPU from predicted losses)."""
+    for the device: masks (hard-patch ones from the predicted losses too) are drawn on it."""
     images = to_device(torch.as_tensor(batch["image"]), worker.device)  # (N, S, S, 3) uint8
     imgs = model.augment(normalize_images(images))  # (N, 3, S, S), normalised, cropped and flipped
     ratio = mask_ratio_at(pre.mask, step, pre.steps)

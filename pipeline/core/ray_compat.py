@@ -21,12 +21,14 @@ RAY_VERSION_CHECKED = "2.60.0"
 __all__ = [
     "AUTH_SETUP_LOGGER",
     "DATA_PROGRESS_LOGGER",
+    "PG_CLEANER_CALLBACK",
     "RAY_VERSION_CHECKED",
     "TRAIN_CONTEXT_MODULE",
     "ExecutionCallback",
     "executor_operators",
     "in_task_output_backpressure",
     "quiet_train_report_lines",
+    "without_callback",
 ]
 
 # Logs, at every local Ray start, that token authentication is on (see runtime.start_local_ray).
@@ -38,6 +40,18 @@ DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 # Ray Train V2's worker-side context: it logs a line for every `ray.train.report` through a logger named
 # after its file path, which `LoggingConfig`'s filter (names under `ray.train`) does not reach.
 TRAIN_CONTEXT_MODULE = "ray.train.v2._internal.execution.context"
+
+
+# Ray Train V2 adds, among its default callbacks (built by the trainer's private `_create_default_callbacks`),
+# one that starts a detached PlacementGroupCleaner per run. It polls the State API every second to see
+# whether the controller died; with no dashboard there is no State API, and every poll logs a warning (51
+# lines in a 90 s run on a GPU machine) while cleaning nothing.
+PG_CLEANER_CALLBACK = "PlacementGroupCleanerCallback"
+
+
+def without_callback(callbacks: list[Any], class_name: str) -> list[Any]:
+    """`callbacks` less those of class `class_name` (unchanged when this Ray has none of that name)."""
+    return [c for c in callbacks if type(c).__name__ != class_name]
 
 
 def executor_operators(executor: Any) -> list[Any] | None:

@@ -36,20 +36,24 @@ def num_masked(num_patches: int, mask_ratio: float) -> int:
 # ---------------------------------------------------------------------------------------------- strategies
 
 
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) numbers on `device`, from `generator` when given (it must live on that device)."""
+    return torch.rand(shape, generator=generator, device=generator.device if generator else device)
+
+
 def noise_from_mask(mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A boolean mask (N, L), True = masked, → noise whose argsort puts every masked patch after every kept
-    one (ties broken at random, so the visible order is still shuffled)."""
-    jitter = torch.rand(mask.shape, generator=generator, device="cpu").to(mask.device) * 0.5
-    return mask.float() + jitter
+    one (ties broken at random, so the visible order is still shuffled). Made where the mask is."""
+    return mask.float() + _rand(tuple(mask.shape), generator, mask.device).to(mask.device) * 0.5
 
 
-def random_mask(n: int, length: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(N, L) bool with exactly `count` True per row, chosen uniformly."""
-    scores = torch.rand(n, length, generator=generator)
+def random_mask(
+    n: int, length: int, count: int, generator: torch.Generator | None = None, device: str = "cpu"
+) -> torch.Tensor:
+    """(N, L) bool with exactly `count` True per row, chosen uniformly (on the generator's device)."""
+    scores = _rand((n, length), generator, torch.device(device))
     top = torch.argsort(scores, dim=1, descending=True)[:, :count]
-    mask = torch.zeros(n, length, dtype=torch.bool)
-    mask.scatter_(1, top, True)
-    return mask
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
 
 
 def block_mask(
@@ -106,16 +110,16 @@ def hard_patch_mask(
     predicted: torch.Tensor, count: int, hard_share: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """(N, L) bool: the `round(hard_share * count)` patches with the highest predicted loss, plus random
-    others up to `count`. predicted: (N, L), higher = harder."""
+    others up to `count`. predicted: (N, L), higher = harder. Chosen where `predicted` is (the training
+    device: no copy to the host, no sync); `generator`, when given, lives there too."""
     n, length = predicted.shape
     hard = round(hard_share * count)
-    order = torch.argsort(predicted.detach().float().cpu(), dim=1, descending=True)
-    mask = torch.zeros(n, length, dtype=torch.bool)
+    order = torch.argsort(predicted.detach().float(), dim=1, descending=True)
+    mask = torch.zeros(n, length, dtype=torch.bool, device=predicted.device)
     mask.scatter_(1, order[:, :hard], True)
     rest = count - hard
     if rest > 0:
-        scores = torch.rand(n, length, generator=generator)
-        scores[mask] = -1.0  # never re-pick a hard patch
+        scores = _rand((n, length), generator, predicted.device).masked_fill_(mask, -1.0)  # hard ones: never
         mask.scatter_(1, torch.argsort(scores, dim=1, descending=True)[:, :rest], True)
     return mask
 
@@ -124,13 +128,18 @@ class Masker:
     """Chooses each batch's mask for a `MaskConfig`; call with (N, L, ratio, progress in [0, 1], predicted
     per-patch loss or None) → noise (N, L) for `MaskedAutoencoder.forward`.
 
-    Holds its own seeded generators, so a run's masks are reproducible for a seed.
+    Holds its own seeded generators, so a run's masks are reproducible for a seed. Random and hard-patch
+    masks and the noise are drawn on `device` (the training device: nothing waits for a host-made mask);
+    block masks are drawn on the host (a sequential search per row) and sent over.
     """
 
-    def __init__(self, config: MaskConfig, grid: int, seed: int = 0) -> None:
+    def __init__(
+        self, config: MaskConfig, grid: int, seed: int = 0, device: str | torch.device = "cpu"
+    ) -> None:
         self.config = config
         self.grid = grid
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.rng = np.random.default_rng(seed)
 
     @property
@@ -167,7 +176,8 @@ def _random(m: Masker, n: int, count: int, progress: float, predicted: torch.Ten
 
 
 def _block(m: Masker, n: int, count: int, progress: float, predicted: torch.Tensor | None) -> torch.Tensor:
-    return block_mask(n, m.grid, count, m.rng, m.config.block_min_patches)
+    mask = block_mask(n, m.grid, count, m.rng, m.config.block_min_patches)
+    return mask.to(m.device, non_blocking=True) if m.device.type != "cpu" else mask
 
 
 def _hard_patch(

@@ -70,3 +70,19 @@ def test_the_session_ray_gets_the_small_profile(ray_cluster: None) -> None:
     assert configure_data_context().name == "small"
     assert ray.data.DataContext.get_current().op_resource_reservation_enabled is False
     assert choose_data_profile(RayConfig(small_cluster_cpus=1)).name == "large"
+
+
+def test_without_a_state_api_the_trainer_leaves_out_the_placement_group_cleaner() -> None:
+    """With the dashboard off, Ray Train's cleaner would poll a State API that is not there and log a warning
+    every second; our trainer drops it by its class name, which must still be Ray's."""
+    from ray.train import ScalingConfig
+
+    from pipeline.train import Trainer
+
+    def names(state_api: bool) -> list[str]:
+        trainer = Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1), state_api=state_api)
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    with_api, without_api = names(True), names(False)
+    assert ray_compat.PG_CLEANER_CALLBACK in with_api
+    assert without_api == [n for n in with_api if n != ray_compat.PG_CLEANER_CALLBACK]
