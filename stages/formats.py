@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from pipeline.core.config import DataConfig
 from pipeline.core.errors import UserInputError
-from pipeline.core.runtime import RETRIED_IO_ERRORS
+from pipeline.core.runtime import is_transient, retry_pause
 from pipeline.core.storage import StorageError, check_readable, to_url, url_to_fs
 
 log = logging.getLogger(__name__)
@@ -274,19 +274,16 @@ class ContainerListing:
 
 
 def with_retries(read: Callable[[], T], what: str, attempts: int = 4) -> T:
-    """`read()`, again after a transient object-store error (`RETRIED_IO_ERRORS`) with backoff; other errors
-    are raised at once."""
+    """`read()`, again after a transient object-store error (`runtime.is_transient`) with backoff; other
+    errors are raised at once."""
     for attempt in range(attempts):
         try:
             return read()
-        except FileNotFoundError:
-            raise
         except Exception as e:
-            transient = any(m in f"{type(e).__name__}: {e}" for m in RETRIED_IO_ERRORS)
-            if not transient or attempt + 1 == attempts:
+            if not is_transient(e) or attempt + 1 == attempts:
                 raise
             log.warning("retrying %s after %s: %s", what, type(e).__name__, e)
-            time.sleep(0.5 * 2**attempt)
+            time.sleep(retry_pause(attempt))
     raise AssertionError("unreachable")
 
 

@@ -38,7 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.core.config import DataConfig
 from pipeline.core.errors import UserInputError
-from pipeline.core.runtime import RETRIED_IO_ERRORS
+from pipeline.core.runtime import is_transient, retry_pause
 from pipeline.core.storage import StorageError, check_readable, to_url, url_to_fs
 from stages.base import Batch, ChainStages, Stage, check_chain, map_batches
 from stages.formats import (
@@ -251,7 +251,7 @@ class ReadBytes(Stage):
     One call fetches a whole batch: `fs.cat_ranges`, which s3fs and gcsfs run as concurrent requests, so a
     batch of small objects costs about one round trip instead of one per object. (Not `fs.cat`: it expands
     `[`, `*` and `?` in a name as a pattern, and those are legal in object names.) Transient object-store
-    errors (`pipeline.core.runtime.RETRIED_IO_ERRORS`) are retried with backoff, for the failed objects only.
+    errors (`pipeline.core.runtime.is_transient`) are retried with backoff, for the failed objects only.
     Local files are read directly: fsspec's local `cat` costs about twice as much per file (measured: 54
     against 30 µs for a 13 KB JPEG, a tenth of its decode).
 
@@ -349,7 +349,7 @@ class ReadBytes(Stage):
                     found[i] = bytes(value)
             if not failed:
                 break
-            permanent = [e for _, e in failed if not any(m in str(e) for m in RETRIED_IO_ERRORS)]
+            permanent = [e for _, e in failed if not is_transient(e)]
             if permanent:
                 raise permanent[0]
             error = failed[0][1]
@@ -358,7 +358,7 @@ class ReadBytes(Stage):
             log.warning(
                 "retrying %d of %d objects after %s: %s", len(failed), len(raw), type(error).__name__, error
             )
-            time.sleep(0.5 * 2**attempt)
+            time.sleep(retry_pause(attempt))
             pending = [i for i, _ in failed]
         return found
 

@@ -152,6 +152,20 @@ RETRIED_IO_ERRORS = (
 )
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether `error` is a transient object-store failure worth another try (matched on its type name and
+    message, since s3fs, aiobotocore and pyarrow each raise their own types for the same failures)."""
+    if isinstance(error, FileNotFoundError):
+        return False
+    text = f"{type(error).__name__}: {error}"
+    return any(marker in text for marker in RETRIED_IO_ERRORS)
+
+
+def retry_pause(attempt: int) -> float:
+    """Seconds to wait before retry `attempt + 1` (0.5 s, doubling)."""
+    return 0.5 * 2**attempt
+
+
 @dataclass(frozen=True)
 class DataProfile:
     """Ray Data settings that suit a cluster of one size and hurt at another."""
