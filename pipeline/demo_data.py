@@ -37,6 +37,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from pipeline.core.errors import UserInputError
+from pipeline.core.runs import TRUTH_NAME
 from pipeline.core.storage import join, to_url, url_to_fs
 
 log = logging.getLogger(__name__)
@@ -386,7 +387,7 @@ def write_demo_data(url: str, spec: DemoSpec, storage_options: dict | None = Non
         fs.pipe(dict(items[start : start + 256]))
     truth_frame = pd.DataFrame(truth, columns=["path", "true_label", "true_class", "given_label", "noisy"])
     bad_frame = pd.DataFrame(bad_rows, columns=["path", "kind", "reason"])
-    for name, frame in (("_truth.parquet", truth_frame), ("_bad.parquet", bad_frame)):
+    for name, frame in ((TRUTH_NAME, truth_frame), ("_bad.parquet", bad_frame)):
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False)
         fs.pipe_file(f"{root}/{name}", buffer.getvalue())

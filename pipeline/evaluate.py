@@ -42,6 +42,7 @@ from torch import nn
 
 from pipeline.core.config import Config
 from pipeline.core.errors import UserInputError
+from pipeline.core.runs import TRUTH_NAME
 from pipeline.core.storage import exists, join, read_bytes
 from pipeline.models.checkpoint import (
     ENCODER_PREFIXES,
@@ -55,7 +56,6 @@ from pipeline.models.mae import MAESize, MaskedAutoencoder, normalize_images
 
 log = logging.getLogger(__name__)
 
-TRUTH_NAME = "_truth.parquet"  # demo truth beside the images (pipeline/demo_data.py)
 FINETUNE_WEIGHT_DECAY = 0.05  # MAE's fine-tuning recipe
 FINETUNE_LABEL_SMOOTHING = 0.1
 FINETUNE_WARMUP = 0.1  # share of the steps with a linear lr warmup

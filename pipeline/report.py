@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from pipeline.core.runs import METRICS_NAME
 from pipeline.core.storage import (
     StorageError,
     atomic_write_bytes,
@@ -53,7 +54,7 @@ def load_artifacts(run_dir: str, storage_options: dict[str, Any] | None = None) 
         out.manifest = read_table(join(run_dir, MANIFEST_NAME), so)[0]
     if exists(join(run_dir, QUARANTINE_NAME), so):
         out.quarantine = read_table(join(run_dir, QUARANTINE_NAME), so)[0]
-    rows = read_json_lines(join(run_dir, "metrics.jsonl"), so)
+    rows = read_json_lines(join(run_dir, METRICS_NAME), so)
     out.metrics = pd.DataFrame(rows) if rows else None
     for name in ("evaluation", "summary"):
         url = join(run_dir, f"{name}.json")

@@ -29,7 +29,18 @@ import pandas as pd
 import yaml
 
 from pipeline.core.config import Config, dump_config
-from pipeline.core.runs import LATEST, publish, published_run, run_dir_for, run_location
+from pipeline.core.runs import (
+    CONFIG_NAME,
+    ENCODER_NAME,
+    EVALUATION_NAME,
+    LATEST,
+    SUMMARY_NAME,
+    TRUTH_NAME,
+    publish,
+    published_run,
+    run_dir_for,
+    run_location,
+)
 from pipeline.core.storage import atomic_write_bytes, exists, join, read_bytes
 from pipeline.curate import CurateResult, Progress, curate, new_run_id
 from pipeline.tracking import Tracker, tracked
@@ -60,8 +71,8 @@ def score_cache_url(config: Config, previous_dir: str | None) -> str:
     if config.score.cache_url:
         return config.score.cache_url
     so = config.data.storage_options
-    if previous_dir and exists(join(previous_dir, "config.yaml"), so):
-        saved = yaml.safe_load(read_bytes(join(previous_dir, "config.yaml"), so)) or {}
+    if previous_dir and exists(join(previous_dir, CONFIG_NAME), so):
+        saved = yaml.safe_load(read_bytes(join(previous_dir, CONFIG_NAME), so)) or {}
         url = str((saved.get("score") or {}).get("cache_url") or "")
         if url and url == join(str(saved.get("output", "")), "score_cache") and "/runs/" in previous_dir:
             # the default place, <output>/score_cache: beside the run's own runs/ folder, wherever it is
@@ -76,7 +87,7 @@ def noise_caught(
     manifest: pd.DataFrame, input_url: str, storage_options: dict[str, Any] | None
 ) -> dict[str, int]:
     """When the input carries demo truth (`_truth.parquet`), how many injected wrong labels were pruned."""
-    truth_url = join(input_url, "_truth.parquet")
+    truth_url = join(input_url, TRUTH_NAME)
     try:
         if not exists(truth_url, storage_options):
             return {}
@@ -104,12 +115,12 @@ def run_pipeline(
         "run_id": run_id,
         "score": config.score.model_copy(update={"cache_url": score_cache_url(config, previous_dir)}),
     }
-    if previous_dir and config.pretrain.warm_start is None and exists(join(previous_dir, "encoder.pth"), so):
+    if previous_dir and config.pretrain.warm_start is None and exists(join(previous_dir, ENCODER_NAME), so):
         updates["pretrain"] = config.pretrain.model_copy(
-            update={"warm_start": join(previous_dir, "encoder.pth")}
+            update={"warm_start": join(previous_dir, ENCODER_NAME)}
         )
     config = config.model_copy(update=updates)
-    atomic_write_bytes(join(run_dir, "config.yaml"), dump_config(config).encode(), so)
+    atomic_write_bytes(join(run_dir, CONFIG_NAME), dump_config(config).encode(), so)
     log.info("run %s → %s", run_id, run_dir)
     with tracked(config.tracking, run_id, key=run_dir, storage_options=so) as tracker:
         tracker.log_config(config)
@@ -171,13 +182,11 @@ def _run_stages(
             data = config.evaluate.data or config.data.input
             if not config.evaluate.data and curated.format != "folder":
                 data = curated.manifest_url  # shards / tables: their samples, by manifest path and label
-            evaluation = evaluate_encoder(join(run_dir, "encoder.pth"), data, config).as_dict()
-            atomic_write_bytes(
-                join(run_dir, "evaluation.json"), json.dumps(evaluation, indent=2).encode(), so
-            )
+            evaluation = evaluate_encoder(join(run_dir, ENCODER_NAME), data, config).as_dict()
+            atomic_write_bytes(join(run_dir, EVALUATION_NAME), json.dumps(evaluation, indent=2).encode(), so)
             summary.update({k: v for k, v in evaluation.items() if isinstance(v, int | float)})
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    atomic_write_bytes(join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode(), so)
+    atomic_write_bytes(join(run_dir, SUMMARY_NAME), json.dumps(summary, indent=2).encode(), so)
     report_url = None
     if "report" in stages:
         from pipeline.report import write_report

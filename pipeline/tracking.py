@@ -35,11 +35,12 @@ from PIL import Image
 
 from pipeline.core.config import Config, TrackingConfig, dump_config, flatten_dotted
 from pipeline.core.errors import UserInputError
+from pipeline.core.runs import CONFIG_NAME, EVALUATION_NAME, METRICS_NAME, SUMMARY_NAME
 from pipeline.core.storage import exists, join, url_to_fs
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("config.yaml", "summary.json", "evaluation.json", "metrics.jsonl")
+RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, EVALUATION_NAME, METRICS_NAME)
 REPORT_DIR = "report"
 KEY_TAG = "maskdiet.key"  # MLflow tag that finds a run again when it is resumed
 MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on one param value

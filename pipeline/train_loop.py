@@ -44,6 +44,7 @@ from ray.train import Checkpoint
 from pipeline.core.config import Config, PretrainConfig
 from pipeline.core.errors import UserInputError
 from pipeline.core.ray_compat import quiet_train_report_lines
+from pipeline.core.runs import ENCODER_NAME, METRICS_NAME
 from pipeline.core.storage import atomic_write_bytes, join
 from pipeline.models.augment import BatchAugment, to_device
 from pipeline.models.checkpoint import export_encoder, load_warm_start
@@ -53,8 +54,6 @@ from pipeline.models.schedules import lr_at, mask_ratio_at
 
 log = logging.getLogger(__name__)
 
-ENCODER_NAME = "encoder.pth"
-METRICS_NAME = "metrics.jsonl"
 STATE_NAME = "state.pt"
 
 # What each report holds besides `step` (a sweep's tune.metric is one of the first four).

@@ -29,10 +29,11 @@ DEMO_SPEC = {"per_class": 200, "noise": 0.1, "bad": 10, "seed": 0}
 
 def _ensure_demo_data(url: str, storage_options: dict) -> None:
     """Generate the demo images at `url` unless they are already there."""
+    from pipeline.core.runs import TRUTH_NAME
     from pipeline.core.storage import exists, join
     from pipeline.demo_data import DemoSpec, write_demo_data
 
-    if exists(join(url, "_truth.parquet"), storage_options):
+    if exists(join(url, TRUTH_NAME), storage_options):
         return
     console.print(f"generating demo images in {url} ...")
     write_demo_data(url, DemoSpec(**DEMO_SPEC), storage_options)

@@ -19,6 +19,14 @@ from pipeline.core.storage import absolute_url, atomic_write_bytes, exists, join
 
 RUNS = "runs"
 LATEST = "latest"
+# The files of a run directory (the manifest's and quarantine's names are the manifest stage's own)
+CONFIG_NAME = "config.yaml"  # the resolved config, secrets redacted
+ENCODER_NAME = "encoder.pth"  # the pretrained encoder, timm ViT keys
+METRICS_NAME = "metrics.jsonl"  # one JSON line per reported training step
+EVALUATION_NAME = "evaluation.json"
+SUMMARY_NAME = "summary.json"
+# Beside demo images (not in a run): the true labels of a folder with injected label noise
+TRUTH_NAME = "_truth.parquet"
 
 
 def run_dir_for(output: str, run_id: str) -> str:
