@@ -141,10 +141,13 @@ def test_previous_run_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest.mark.slow
-def test_run_over_webdataset_shards(ray_cluster: None, demo_folder: Path, tmp_path: Path) -> None:
+def test_run_over_webdataset_shards_then_its_parquet_export(
+    ray_cluster: None, demo_folder: Path, tmp_path: Path
+) -> None:
     """`maskdiet run` end to end on shards: curate, pretrain streaming `shard.tar#key` paths through Ray Data
     (no decoded cache), and evaluate on the curated samples (there is no folder to list). The run is tracked
-    in an MLflow file store and TensorBoard event files, read back here."""
+    in an MLflow file store and TensorBoard event files, read back here. Its kept images, exported as Parquet
+    tables, then go through `maskdiet run` too."""
     from tests.stages.test_formats import folder_items, write_shards
 
     items, _ = folder_items(demo_folder)
@@ -152,6 +155,7 @@ def test_run_over_webdataset_shards(ray_cluster: None, demo_folder: Path, tmp_pa
     output = tmp_path / "out"
     args = ["run", "--set", f"data.input={tmp_path / 'shards'}", "--set", f"output={output}", *FAST]
     args += ["--set", "pretrain.cache_decoded_mib=0"]  # stream the shards every epoch
+    args += ["--set", "export.format=parquet", "--set", "export.samples_per_shard=40"]
     mlruns, tensorboard = f"file://{tmp_path / 'mlruns'}", tmp_path / "tb"
     args += ["--set", f"tracking.mlflow_uri={mlruns}", "--set", f"tracking.tensorboard_dir={tensorboard}"]
     result = runner.invoke(app, args)
@@ -178,3 +182,18 @@ def test_run_over_webdataset_shards(ray_cluster: None, demo_folder: Path, tmp_pa
     assert {"config.yaml", "summary.json", "evaluation.json", "metrics.jsonl", "report"} <= artifacts
     scalars = read_scalars(tensorboard / run_dir.name)
     assert [step for step, _ in scalars["loss"]] == [line["step"] for line in metrics]
+
+    # The run exported its kept images as Parquet tables (export.format); `maskdiet run` over those tables
+    # is the Parquet path end to end: the same images by sha256, pretrained, evaluated and reported.
+    exported = run_dir / "export"
+    assert json.loads((exported / "_export.json").read_text())["samples"] == int(manifest["kept"].sum())
+    args = ["run", "--set", f"data.input={exported}", "--set", f"output={tmp_path / 'out2'}", *FAST]
+    args += ["--set", "score.method=none", "--set", "prune.policy=none"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    second = Path((tmp_path / "out2" / "runs" / "latest").read_text())
+    tables = pd.read_parquet(second / "manifest.parquet")
+    assert tables["path"].str.contains(r"\.parquet#").all()
+    assert set(tables["sha256"]) == set(manifest.loc[manifest["kept"], "sha256"])
+    assert json.loads((second / "summary.json").read_text())["steps"] == TINY_RUN["pretrain.steps"]
+    assert (second / "evaluation.json").exists() and (second / "report" / "index.html").exists()
