@@ -86,7 +86,7 @@ def test_curate_writes_result_json(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_pretrain_writes_result_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = str(tmp_path / "out")
 
-    def fake(cfg: Any, manifest: str, output: str, *, run_name: str, progress: Any = None) -> Any:
+    def fake(cfg: Any, manifest: str, output: str, *, run_name: str, progress: Any = None, **_: Any) -> Any:
         return pipeline.train.PretrainResult(
             run_name=run_name,
             steps=2,
