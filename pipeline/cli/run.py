@@ -124,7 +124,8 @@ def run(
         from pipeline.models.mae import size_of
 
         size_of(cfg)  # before any image is read: the model settings would fail only at pretraining
-        if demo and cfg.data.input == base["data"]["input"]:  # type: ignore[index]
+        # compared after loading: the demo's relative input is resolved against the working folder
+        if demo and cfg.data.input == load_config(None, base=base).data.input:
             # only into the demo's own folder: `run --set data.input=URL` reads that data as it is
             _ensure_demo_data(cfg.data.input, cfg.data.storage_options)
         with ray_session(cfg.ray), progress_display() as progress:
