@@ -35,6 +35,13 @@ EXPECTED = {
         "scaling_cluster_worker_node_tasks",
     ],
     "memory": ["memory_curate_small_peak_pss_mb", "memory_curate_pss_growth_large_vs_small"],
+    "shards": [
+        "shards_curate_speedup_ratio_vs_objects",
+        "shards_curate_fewer_requests_ratio_vs_objects",
+        "shards_pretrain_speedup_ratio_vs_objects",
+        "shards_pretrain_fewer_requests_ratio_vs_objects",
+    ],
+    "gpu_pretrain": ["skipped_no_cuda"],  # CI has no GPU: the one row it prints there
 }
 
 
