@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 NOT_BENCHMARKS = {"__init__", "common", "run_all"}
-ORDER = ("ingest", "score_throughput", "mae_step", "scaling", "memory", "shards", "gpu_pretrain")  # the table's rows
+# the table's rows, in order
+ORDER = ("ingest", "score_throughput", "mae_step", "scaling", "memory", "shards", "gpu_pretrain")
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
 
