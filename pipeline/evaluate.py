@@ -23,6 +23,16 @@ random init says pretraining learned something; beating the pixels says it learn
 Labels: folder names (or the labels table / manifest labels), except where the folder carries demo truth
 (`_truth.parquet`, written by `maskdiet demo-data`): there the true labels are used, never the injected noisy
 ones, so a score measures the encoder and not the noise.
+
+Device (`evaluate.device`: auto | cpu | cuda; auto = cuda when this process sees a GPU): feature extraction
+(`extract_features`: pinned non-blocking uint8 copies, normalised on the device, bf16 autocast, features
+back on the CPU), kNN (the similarity matmul, top-k and votes), the linear probe (float32; its batch orders
+are drawn on the CPU, so a seed gives the same orders everywhere) and the fine-tune (bf16 autocast) all run
+there; on the CPU every number is what it was before the device path existed. The labels and images stay
+on the host, and each protocol moves what it needs. `evaluate` runs in the calling process, not in a Ray
+task: the `maskdiet evaluate` CLI, or `maskdiet run` (the driver, or a Ray job's entrypoint when submitted
+with `maskdiet jobs submit`), so that process needs the GPU: submit the job to a node with one (auto then
+finds it) or leave auto to fall back to the CPU. `evaluation.json` records the device it ran on.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from pipeline.core.config import Config
 from pipeline.core.errors import UserInputError
 from pipeline.core.runs import TRUTH_NAME
 from pipeline.core.storage import exists, join, read_bytes
+from pipeline.models.augment import to_device
 from pipeline.models.checkpoint import (
     ENCODER_PREFIXES,
     encoder_from_state,
@@ -79,6 +90,7 @@ class EvaluateResult:
     seconds: float
     labels: str = "folder names"  # where the labels came from (e.g. demo truth)
     test: str = "holdout"  # the test split: `holdout <share>` or the test_data URL
+    device: str = "cpu"  # where features, probes and fine-tune ran (`evaluate.device` resolved)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +110,24 @@ class LabeledSplit:
     test: str  # where the test split came from
 
 
+# ---------------------------------------------------------------------------------------------- device
+
+
+def resolve_device(choice: str) -> torch.device:
+    """`evaluate.device` as a torch device: auto is cuda when this process sees a GPU, else the CPU (so a
+    laptop and a GPU node run the same config); an explicit cuda without one is the user's to fix, and
+    says how, rather than failing deep inside torch."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(
+            f"evaluate.device is cuda but this process sees no CUDA GPU (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); pass --set evaluate.device=cpu (or auto), or run "
+            "evaluate where there is a GPU"
+        )
+    return torch.device(choice)
+
+
 # ---------------------------------------------------------------------------------------------- probes
 
 
@@ -109,22 +139,26 @@ def knn_accuracy(
     k: int = 20,
     temperature: float = 0.07,
     chunk: int = 1024,
+    device: torch.device | None = None,
 ) -> float:
     """DINO's weighted kNN: cosine similarity, top-k neighbours vote with exp(sim / T). Test rows go `chunk`
     at a time, so the similarity matrix never holds more than chunk × train entries (Fashion-MNIST's 10,000
-    × 60,000 would be 2.4 GB)."""
+    × 60,000 would be 2.4 GB). Runs on `device` (None: where `train_x` is); the count of correct votes stays
+    there until the end, so a GPU is never waited on per chunk."""
+    device = device or train_x.device
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    train_n = F.normalize(train_x, dim=1)
+    train_n = F.normalize(to_device(train_x, device), dim=1)
+    train_y, test_y = to_device(train_y, device), to_device(test_y, device)
     k = min(k, len(train_x))
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(test_x), chunk):
-        test_n = F.normalize(test_x[start : start + chunk], dim=1)
+        test_n = F.normalize(to_device(test_x[start : start + chunk], device), dim=1)
         sims, idx = (test_n @ train_n.T).topk(k, dim=1)  # (t, k)
         weights = (sims / temperature).exp()
-        votes = torch.zeros(len(test_n), num_classes)
+        votes = torch.zeros(len(test_n), num_classes, device=device)
         votes.scatter_add_(1, train_y[idx], weights)
-        correct += int((votes.argmax(dim=1) == test_y[start : start + chunk]).sum())
-    return correct / max(1, len(test_x))
+        correct += (votes.argmax(dim=1) == test_y[start : start + chunk]).sum()
+    return int(correct) / max(1, len(test_x))
 
 
 def linear_probe_accuracy(
@@ -136,9 +170,12 @@ def linear_probe_accuracy(
     lr: float = 0.1,
     batch: int = 256,
     seed: int = 0,
+    device: torch.device | None = None,
 ) -> float:
     """MAE's linear probe: BatchNorm1d(affine=False) + Linear on frozen features, SGD with momentum and a
-    cosine lr; returns test accuracy."""
+    cosine lr; returns test accuracy. Runs in float32 on `device` (None: where `train_x` is); the head's
+    init and the batch orders are drawn on the CPU, so a seed gives the same ones on every device."""
+    device = device or train_x.device
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -147,12 +184,14 @@ def linear_probe_accuracy(
     )
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
+    head.to(device)
+    train_x, train_y = to_device(train_x, device), to_device(train_y, device)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     steps_per_epoch = max(1, -(-len(train_x) // batch))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     head.train()
     for _ in range(epochs):
-        order = torch.randperm(len(train_x), generator=generator)
+        order = to_device(torch.randperm(len(train_x), generator=generator), device)
         for start in range(0, len(order), batch):
             rows = order[start : start + batch]
             if len(rows) < 2:
@@ -164,7 +203,8 @@ def linear_probe_accuracy(
             scheduler.step()
     head.eval()
     with torch.no_grad():
-        return float((head(test_x).argmax(dim=1) == test_y).float().mean())
+        predicted = head(to_device(test_x, device)).argmax(dim=1)
+        return float((predicted == to_device(test_y, device)).float().mean())
 
 
 def pixel_features(images: np.ndarray, batch: int = 1024) -> torch.Tensor:
@@ -244,8 +284,11 @@ def finetune_accuracy(
 ) -> float:
     """Test accuracy after training a copy of `encoder` plus a linear head end to end on the train images
     (MAE's fine-tuning, short: AdamW, layer-wise lr decay, label smoothing, warmup + cosine; no mixup or
-    augmentation). `encoder` itself is not changed. Runs on the GPU when there is one."""
+    augmentation). `encoder` itself is not changed. Runs on `device` (None: the GPU when there is one), under
+    bf16 autocast on CUDA as pretraining does; there the loss is checked for NaN/inf once per epoch rather
+    than per step, so the host never waits on the GPU mid-epoch (on the CPU a check costs nothing)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -258,23 +301,31 @@ def finetune_accuracy(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
 
     def logits(images: np.ndarray) -> torch.Tensor:
-        x = normalize_images(torch.from_numpy(np.ascontiguousarray(images)).to(device))
-        return head(pool_tokens(model.encode(x), pool))
+        x = normalize_images(to_device(torch.from_numpy(np.ascontiguousarray(images)), device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+            return head(pool_tokens(model.encode(x), pool)).float()  # the loss in float32
 
-    for _ in range(epochs):
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # CUDA: any step's loss not finite
+    for epoch in range(epochs):
         order = torch.randperm(len(train_images), generator=generator).numpy()
         for start in range(0, len(order), batch):
             rows = order[start : start + batch]
-            target = train_y[rows].to(device)
+            target = to_device(train_y[rows], device)
             loss = F.cross_entropy(
                 logits(train_images[rows]), target, label_smoothing=FINETUNE_LABEL_SMOOTHING
             )
-            if not torch.isfinite(loss):
+            if on_gpu:
+                nonfinite |= ~torch.isfinite(loss)
+            elif not torch.isfinite(loss):
                 raise UserInputError(f"fine-tune loss is {loss.item()}; lower evaluate.finetune_lr ({lr})")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
+        if on_gpu and bool(nonfinite):
+            raise UserInputError(
+                f"fine-tune loss was not finite in epoch {epoch + 1}; lower evaluate.finetune_lr ({lr})"
+            )
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -411,13 +462,29 @@ def split_indices(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def evaluate_features(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, config: Config
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    config: Config,
+    device: torch.device | None = None,
 ) -> tuple[float, float]:
-    """(kNN accuracy, linear-probe accuracy) for one set of features."""
+    """(kNN accuracy, linear-probe accuracy) for one set of features, both on `device` (None: where
+    `train_x` is). The features move there once, shared by both protocols."""
     ev = config.evaluate
-    knn = knn_accuracy(train_x, train_y, test_x, test_y, ev.knn_k, ev.knn_temperature)
+    device = device or train_x.device
+    train_x, test_x = to_device(train_x, device), to_device(test_x, device)
+    knn = knn_accuracy(train_x, train_y, test_x, test_y, ev.knn_k, ev.knn_temperature, device=device)
     probe = linear_probe_accuracy(
-        train_x, train_y, test_x, test_y, ev.probe_epochs, ev.probe_lr, ev.probe_batch_size, ev.seed
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        ev.probe_epochs,
+        ev.probe_lr,
+        ev.probe_batch_size,
+        ev.seed,
+        device=device,
     )
     return knn, probe
 
@@ -426,9 +493,12 @@ def evaluate_split(
     state: dict[str, torch.Tensor], size: MAESize, split: LabeledSplit, config: Config
 ) -> EvaluateResult:
     """Every protocol on `split` for the encoder weights `state`, the same architecture at its init, and
-    (kNN, probe) the raw pixels."""
+    (kNN, probe) the raw pixels, on `evaluate.device`. Both encoders are built (and the random one drawn)
+    on the CPU, so the baseline is the same on every device, then move there with their first batch."""
     start = time.perf_counter()
     ev = config.evaluate
+    device = resolve_device(ev.device)
+    log.info("evaluate: on %s", device)
     train_y = torch.from_numpy(split.train_labels)
     test_y = torch.from_numpy(split.test_labels)
     pretrained = encoder_from_state(size, state)
@@ -436,14 +506,14 @@ def evaluate_split(
     random_init = encoder_from_state(size, None)
     scores: dict[str, float | None] = {}
     for name, encoder in (("", pretrained), ("random_", random_init)):
-        train_x = extract_features(encoder, split.train_images, ev.pool, ev.batch_size)
-        test_x = extract_features(encoder, split.test_images, ev.pool, ev.batch_size)
+        train_x = extract_features(encoder, split.train_images, ev.pool, ev.batch_size, device)
+        test_x = extract_features(encoder, split.test_images, ev.pool, ev.batch_size, device)
         scores[f"{name}knn"], scores[f"{name}probe"] = evaluate_features(
-            train_x, train_y, test_x, test_y, config
+            train_x, train_y, test_x, test_y, config, device
         )
     pixels = (pixel_features(split.train_images), pixel_features(split.test_images))
     scores["pixel_knn"], scores["pixel_probe"] = evaluate_features(
-        pixels[0], train_y, pixels[1], test_y, config
+        pixels[0], train_y, pixels[1], test_y, config, device
     )
     for name, encoder in (("", pretrained), ("random_", random_init)):
         scores[f"{name}finetune"] = None
@@ -461,6 +531,7 @@ def evaluate_split(
                 batch=ev.finetune_batch_size,
                 pool=ev.pool,
                 seed=ev.seed,
+                device=device,
             )
             log.info("evaluate: %sfine-tune took %.1f s", name, time.perf_counter() - began)
     result = EvaluateResult(
@@ -480,6 +551,7 @@ def evaluate_split(
         seconds=time.perf_counter() - start,
         labels=split.labels,
         test=split.test,
+        device=device.type,
     )
     log.info("evaluate: %s", result)
     return result
@@ -489,6 +561,7 @@ def evaluate_encoder(checkpoint_url: str, data_url: str, config: Config) -> Eval
     """Evaluate the encoder at `checkpoint_url` (encoder.pth, output folder or checkpoint) on the labeled
     images at `data_url` (split per `load_split`): see the module docstring."""
     start = time.perf_counter()
+    resolve_device(config.evaluate.device)  # a cuda without a GPU fails here, before any image is decoded
     state = read_encoder_state(checkpoint_url, config.data.storage_options)
     size = size_from_state(state, config.pretrain.model)
     split = load_split(data_url, config, size.img_size)

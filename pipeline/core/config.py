@@ -193,6 +193,10 @@ class EvaluateConfig(_Section):
     finetune_lr: float = Field(1e-3, gt=0.0)  # AdamW peak lr of the head (top layer), cosine after warmup
     finetune_layer_decay: float = Field(0.75, gt=0.0, le=1.0)  # MAE's layer-wise lr decay toward the input
     finetune_batch_size: int = Field(16, gt=0)  # small: more steps for the same compute in a short fine-tune
+    # where features, kNN, the probe and the fine-tune run: auto = cuda when this process sees a GPU, else
+    # cpu. A choice, not pretrain's use_gpu flag: evaluate runs in the calling process (the CLI or a Ray job's
+    # entrypoint), which can look for a GPU itself, where a Train worker must ask Ray for one up front
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class TuneConfig(_Section):

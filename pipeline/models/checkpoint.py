@@ -1,5 +1,7 @@
 """Checkpoints and encoders on storage: write `encoder.pth`, read it back (or a checkpoint's `state.pt`),
-infer its size from the tensor shapes, build a frozen encoder from it, and turn images into features.
+infer its size from the tensor shapes, build a frozen encoder from it, and turn images into features: where
+the encoder is (the CPU for one built here) or on a given device (evaluation passes `evaluate.device`), the
+features coming back on the CPU either way.
 
 `encoder.pth` is a plain state dict with timm's ViT keys, so `timm.create_model(..., checkpoint_path=...)`
 loads it; pretraining writes it, evaluation, label-free scoring and warm starts read it.
@@ -16,6 +18,7 @@ import torch
 
 from pipeline.core.errors import UserInputError
 from pipeline.core.storage import atomic_write_bytes, join, read_bytes, url_to_fs
+from pipeline.models.augment import to_device
 from pipeline.models.mae import SIZES, MAESize, MaskedAutoencoder, get_size, normalize_images
 
 log = logging.getLogger(__name__)
@@ -95,17 +98,42 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
     return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of `module`'s first parameter (CPU for one without parameters)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
 @torch.no_grad()
 def extract_features(
-    encoder: MaskedAutoencoder, images: np.ndarray, pool: str = "mean", batch: int = 256
+    encoder: MaskedAutoencoder,
+    images: np.ndarray,
+    pool: str = "mean",
+    batch: int = 256,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """images (N, S, S, 3) uint8 → features (N, D): the CLS token or the mean patch token."""
+    """images (N, S, S, 3) uint8 → features (N, D) float32 on the CPU: the CLS token or the mean patch token.
+
+    The batches run on `device` (None: where the encoder's weights are, the CPU for an encoder fresh from
+    `encoder_from_state`); an encoder elsewhere is moved there in place and stays, so a second call copies
+    nothing. On CUDA the uint8 pixels go pinned and non-blocking (a quarter of the bytes of floats) and are
+    normalised there, the encoder runs under bf16 autocast as in pretraining, and each batch's features come
+    back non-blocking while the next batch runs: the host waits once, at the end. Callers always get CPU
+    tensors, whatever the device."""
+    device = device or module_device(encoder)
+    if module_device(encoder) != device:
+        encoder.to(device)
+    on_gpu = device.type == "cuda"
     out = []
     for start in range(0, len(images), batch):
-        x = normalize_images(torch.from_numpy(np.ascontiguousarray(images[start : start + batch])))
-        tokens = encoder.encode(x)  # (n, 1 + L, D)
-        out.append(pool_tokens(tokens, pool))
-    return torch.cat(out).float()
+        pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))
+        x = normalize_images(to_device(pixels, device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+            tokens = encoder.encode(x)  # (n, 1 + L, D)
+        features = pool_tokens(tokens, pool).float()
+        out.append(features.to("cpu", non_blocking=True) if on_gpu else features)
+    if on_gpu:
+        torch.cuda.synchronize(device)  # the non-blocking copies back have landed
+    return torch.cat(out) if out else torch.zeros(0, encoder.size.embed_dim)
 
 
 def load_warm_start(model: MaskedAutoencoder, url: str, storage_options: dict[str, Any]) -> None:

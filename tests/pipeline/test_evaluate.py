@@ -95,6 +95,7 @@ def test_evaluate_command_reports_pretrained_and_random_init(tmp_path) -> None:
         assert 0.0 <= result.as_dict()[key] <= 1.0, key
     assert result.feature_dim == 64 and result.model == "vit_tiny_patch16_224"
     assert result.labels == "demo truth" and result.test == "holdout 0.3"
+    assert result.device == ("cuda" if torch.cuda.is_available() else "cpu")  # evaluate.device auto
 
     out = CliRunner().invoke(
         app,
@@ -262,3 +263,63 @@ def test_an_image_table_given_as_evaluation_data_says_to_curate_it_first(tmp_pat
     pq.write_table(pa.table({"image": [b"\x89PNG"], "label": [0]}), table)
     with pytest.raises(UserInputError, match="curate an image table or shards first"):
         labeled_names(str(table), load_config(None))
+
+
+def test_device_auto_is_the_cpu_without_cuda_and_cuda_without_a_gpu_says_how_to_fix(monkeypatch) -> None:
+    """`evaluate.device`: auto falls back to the CPU; an explicit cuda on a machine without one is the
+    user's to fix (exit 2, naming --set evaluate.device=cpu), before any image is decoded."""
+    from pipeline.core.config import ConfigError
+    from pipeline.core.errors import UserInputError
+    from pipeline.evaluate import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_config().evaluate.device == "auto"
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserInputError, match=r"--set evaluate\.device=cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match=r"evaluate\.device"):
+        load_config(overrides=["evaluate.device=tpu"])
+    config = load_config(overrides=["evaluate.device=cuda"])
+    with pytest.raises(UserInputError, match=r"--set evaluate\.device=cpu"):
+        evaluate_encoder("/nonexistent/encoder.pth", "/nonexistent/images", config)
+
+
+def test_probes_on_an_explicit_device_give_the_numbers_of_the_default_path() -> None:
+    """The device path (features moved once, votes and the correct count kept on the device, batch orders
+    drawn on the CPU) run on CPU tensors here: the same accuracies as without a device, to the bit."""
+    from pipeline.evaluate import evaluate_features
+
+    cpu = torch.device("cpu")
+    x, y = _clusters(40, 5, 16, 2.0, seed=0)
+    tx, ty = _clusters(20, 5, 16, 2.0, seed=1)
+    assert knn_accuracy(x, y, tx, ty, k=7, device=cpu) == knn_accuracy(x, y, tx, ty, k=7)
+    assert knn_accuracy(x, y, tx, ty, k=7, chunk=9, device=cpu) == knn_accuracy(x, y, tx, ty, k=7)
+    probe = linear_probe_accuracy(x, y, tx, ty, epochs=5, lr=0.1, batch=32, seed=3)
+    assert linear_probe_accuracy(x, y, tx, ty, epochs=5, lr=0.1, batch=32, seed=3, device=cpu) == probe
+    config = load_config(overrides=["evaluate.knn_k=7", "evaluate.probe_epochs=5"])
+    assert evaluate_features(x, y, tx, ty, config, cpu) == evaluate_features(x, y, tx, ty, config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_probes_and_finetune_on_cuda_agree_with_the_cpu() -> None:
+    """On a GPU: kNN in float32 matches the CPU but for near ties, the probe (same init and batch orders)
+    lands close, and the bf16 fine-tune learns the easy task as on the CPU."""
+    cuda = torch.device("cuda")
+    x, y = _clusters(40, 5, 16, 2.0, seed=0)
+    tx, ty = _clusters(20, 5, 16, 2.0, seed=1)
+    assert knn_accuracy(x, y, tx, ty, k=7, device=cuda) == pytest.approx(
+        knn_accuracy(x, y, tx, ty, k=7), abs=0.02
+    )
+    assert linear_probe_accuracy(x, y, tx, ty, epochs=5, device=cuda) == pytest.approx(
+        linear_probe_accuracy(x, y, tx, ty, epochs=5), abs=0.05
+    )
+    images, labels = _bar_images(48, seed=0)
+    train, test = split_indices(len(images), 0.25, seed=0)
+    yy = torch.from_numpy(labels)
+    torch.manual_seed(0)
+    encoder = build_mae("mae_vit_micro_patch4").eval()
+    acc = finetune_accuracy(
+        encoder, images[train], yy[train], images[test], yy[test], epochs=6, lr=3e-3, batch=16, device=cuda
+    )
+    assert acc > 0.75
