@@ -7,9 +7,10 @@ every row is read (`stages.formats.finish_labels`): the row stages are built aga
 
 `curation_stages` builds the chain one run composes and checks it before any work starts (a stage that
 needs a column no earlier stage makes fails there, not in the middle of the run). Read and decode are map
-stages that stream through Ray Data in parallel; the driver then gathers the decodable rows (and, when a
-score is asked for, the small decoded arrays the proxy models train on) and runs the all-to-all stages over
-all of them at once.
+stages that stream through Ray Data in parallel; the driver then gathers the decodable rows' metadata and
+runs the all-to-all stages over all of them at once. When a score is asked for, the decoded pixels the
+proxies train on never gather there: each batch goes to the object store as it streams past and is re-cut
+into chunks in path order (`stages.pixels.PixelStore`); the driver holds their references and thumbnails.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from stages.embed import DuplicateGroups
 from stages.export import ExportResult, export_kept
 from stages.formats import UNIT_COLUMNS, ContainerListing, finish_labels
 from stages.manifest import MANIFEST_NAME, QUARANTINE_NAME, ManifestStage, manifest_frame, write_quarantine
+from stages.pixels import PixelChunks, PixelStore
 from stages.prune import PruneStage, policy_for
 from stages.read import (
     LISTING_COLUMNS,
@@ -58,21 +60,24 @@ class Decoded:
     """The decoded input: metadata rows for good images, their pixels (optional), and the quarantine."""
 
     frame: pd.DataFrame  # path, sha256, label, class_name — one row per decodable image, sorted by path
-    images: np.ndarray | None  # N×S×S×3 uint8 in `frame` order, when kept
     quarantine: pd.DataFrame  # path, sha256, reason, error
     classes: list[str] = field(default_factory=list)
+    pixels: Batch = field(default_factory=dict)  # `PixelStore`'s columns (pixels, thumbnail), when kept
 
     @property
     def total(self) -> int:
         """Every row read: decodable or quarantined."""
         return len(self.frame) + len(self.quarantine)
 
+    @property
+    def images(self) -> PixelChunks | None:
+        """The decoded images in `frame` order, in chunks in the object store, when kept."""
+        return self.pixels.get("pixels")
+
     def batch(self) -> Batch:
-        """The good rows as one batch (every row) for the driver's stages; `image` when kept."""
-        columns: Batch = {name: self.frame[name].to_numpy() for name in GOOD_COLUMNS}
-        if self.images is not None:
-            columns["image"] = self.images
-        return columns
+        """The good rows as one batch (every row) for the driver's stages; `pixels` and `thumbnail` when
+        kept."""
+        return {**{name: self.frame[name].to_numpy() for name in GOOD_COLUMNS}, **self.pixels}
 
 
 @dataclass
@@ -99,23 +104,26 @@ Source = ImageListing | ContainerListing  # a folder's images, or the read units
 
 @dataclass(frozen=True)
 class Ingest:
-    """Read → decode, one fused Ray Data map stage, then the driver's gather of the decodable rows.
-    `columns` are what the source hands the first stage (a listing's rows, or read units)."""
+    """Read → decode, one fused Ray Data map stage, then the driver's gather of the decodable rows (and,
+    with `store`, the pixels kept in the object store). `columns` are what the source hands the first stage
+    (a listing's rows, or read units)."""
 
     read_decode: ChainStages
     gather: GatherDecoded
     columns: tuple[str, ...] = LISTING_COLUMNS
+    store: PixelStore | None = None
 
     @classmethod
     def build(cls, config: Config, keep_images: bool, source: Source | None = None) -> Ingest:
         decode = DecodeStage(DecodeOptions.from_config(config.decode))
+        store = PixelStore(config.decode.image_size, config.score.chunk_rows) if keep_images else None
         if isinstance(source, ContainerListing):
             reader = container_reader(source, config.data)
-            return cls(ChainStages(reader, decode), GatherDecoded(keep_images), UNIT_COLUMNS)
-        return cls(ChainStages(ReadBytes.for_data(config.data), decode), GatherDecoded(keep_images))
+            return cls(ChainStages(reader, decode), GatherDecoded(False), UNIT_COLUMNS, store)
+        return cls(ChainStages(ReadBytes.for_data(config.data), decode), GatherDecoded(False), store=store)
 
     def stages(self) -> list[Stage]:
-        return [self.read_decode, self.gather]
+        return [self.read_decode, self.gather, *([self.store] if self.store else [])]  # store: fed on the way
 
 
 @dataclass(frozen=True)
@@ -173,15 +181,13 @@ def decode_listing(
     listing: Source, config: Config, keep_images: bool, progress: Progress | None = None
 ) -> Decoded:
     """Read and decode every listed object (or every sample of the listed shards or tables) with Ray Data;
-    returns good rows (and pixels) and quarantine rows."""
+    returns good rows (and their pixels, in the object store) and quarantine rows."""
     return decode_with(listing, config, Ingest.build(config, keep_images, listing), progress)
 
 
-def _no_rows(names: tuple[str, ...], size: int) -> Batch:
+def _no_rows(names: tuple[str, ...]) -> Batch:
     empty: Batch = {name: np.asarray([], dtype=object) for name in names}
     empty.update(ok=np.zeros(0, dtype=bool), label=np.zeros(0, dtype=np.int64))
-    if "image" in names:
-        empty["image"] = np.zeros((0, size, size, 3), dtype=np.uint8)
     return empty
 
 
@@ -200,7 +206,9 @@ def decode_with(listing: Source, config: Config, ingest: Ingest, progress: Progr
         batch_size=config.data.read_batch_size, batch_format="numpy", prefetch_batches=4
     )
     for batch in batches:
-        parts.append({name: batch[name] for name in ingest.gather.inputs})  # no bytes, no unwanted pixels
+        parts.append({name: batch[name] for name in ingest.gather.inputs})  # no bytes, no pixels
+        if ingest.store:
+            ingest.store.add(batch)  # into the object store now: the driver holds one batch at a time
         done += len(batch["path"])
         if progress:
             progress("decode", done, max(total or 0, done))
@@ -208,13 +216,14 @@ def decode_with(listing: Source, config: Config, ingest: Ingest, progress: Progr
     if parts:
         every = {name: np.concatenate([p[name] for p in parts]) for name in ingest.gather.inputs}
     else:
-        every = _no_rows(ingest.gather.inputs, config.decode.image_size)
+        every = _no_rows(ingest.gather.inputs)
     good = ingest.gather(every)
     frame = pd.DataFrame({name: good[name] for name in GOOD_COLUMNS})
     classes = listing.classes
     if isinstance(listing, ContainerListing):
         frame, classes = finish_labels(frame, config.data)
-    return Decoded(frame, good.get("image"), ingest.gather.quarantine(every), classes)
+    pixels = ingest.store.finish(frame["path"].tolist()) if ingest.store else {}  # chunks in frame order
+    return Decoded(frame, ingest.gather.quarantine(every), classes, pixels)
 
 
 def publish_curation(output: str, run_dir: str, storage_options: dict[str, Any]) -> tuple[str, str]:

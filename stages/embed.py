@@ -19,6 +19,7 @@ Both are global, so they run as all-to-all stages: `DuplicateGroups` here, and t
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -66,10 +67,16 @@ def _find(parent: np.ndarray, i: int) -> int:
 def near_duplicate_groups(images: np.ndarray, threshold: float, block: int = 2048) -> np.ndarray:
     """Group id per image (N,) int64: the smallest row index in its near-duplicate group (its own index
     when it has no near-duplicate). Flat images (no contrast) are never grouped."""
-    n = len(images)
+    return thumbnail_groups(
+        thumbnails(images) if len(images) else np.zeros((0, 256), np.float32), threshold, block
+    )
+
+
+def thumbnail_groups(thumbs: np.ndarray, threshold: float, block: int = 2048) -> np.ndarray:
+    """`near_duplicate_groups` from the images' `thumbnails` (N, D), computed where the pixels are."""
+    n = len(thumbs)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    thumbs = thumbnails(images)
     parent = np.arange(n)
     for start in range(0, n, block):
         sims = thumbs[start : start + block] @ thumbs[start:].T  # (b, N − start)
@@ -92,14 +99,14 @@ class DuplicateGroups(Stage):
 
     name = "duplicates"
     kind = ALL_TO_ALL
-    inputs = ("image",)
+    inputs = ("thumbnail",)
     outputs = ("duplicate_group",)
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold  # cosine similarity of mean-removed thumbnails (score.duplicate_threshold)
 
     def process(self, batch: Batch) -> Batch:
-        return {**batch, "duplicate_group": near_duplicate_groups(batch["image"], self.threshold)}
+        return {**batch, "duplicate_group": thumbnail_groups(batch["thumbnail"], self.threshold)}
 
 
 def _multi(groups: np.ndarray) -> int:
@@ -108,11 +115,12 @@ def _multi(groups: np.ndarray) -> int:
 
 
 def encoder_embeddings(
-    url: str, images: np.ndarray, storage_options: dict[str, Any] | None = None
+    url: str, images: np.ndarray | Iterable[np.ndarray], storage_options: dict[str, Any] | None = None
 ) -> np.ndarray:
-    """Embed images (N, S, S, 3) uint8 with a maskdiet MAE encoder (`encoder.pth`, an output folder or a
-    checkpoint; timm ViT keys): the frozen encoder's mean patch token, L2-normalised: (N, D). Loading and
-    feature extraction are `pipeline.models.checkpoint`'s, so scoring sees the same features as the kNN probe."""
+    """Embed images (N, S, S, 3) uint8, or batches of them in turn, with a maskdiet MAE encoder
+    (`encoder.pth`, an output folder or a checkpoint; timm ViT keys): the frozen encoder's mean patch token,
+    L2-normalised: (N, D), the batches' rows one after another. Loading and feature extraction are
+    `pipeline.models.checkpoint`'s, so scoring sees the same features as the kNN probe."""
     from pipeline.models.checkpoint import (
         encoder_from_state,
         extract_features,
@@ -121,5 +129,8 @@ def encoder_embeddings(
     )
 
     state = read_encoder_state(url, storage_options)
-    encoder = encoder_from_state(size_from_state(state), state)
-    return F.normalize(extract_features(encoder, images, pool="mean"), dim=1).numpy()
+    size = size_from_state(state)
+    encoder = encoder_from_state(size, state)
+    batches = [images] if isinstance(images, np.ndarray) else images
+    parts = [F.normalize(extract_features(encoder, batch, pool="mean"), dim=1).numpy() for batch in batches]
+    return np.concatenate(parts) if parts else np.zeros((0, size.embed_dim), np.float32)

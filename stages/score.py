@@ -2,9 +2,11 @@
 
 The method is "Deep Learning on a Data Diet" (Paul, Ganguli, Dziugaite, 2021). K small classifiers
 (`pipeline.models.proxy`, different seeds) train for a few epochs on the decoded images — one Ray task each,
-the pixels put in the object store once — then every example is scored by the map stage `ScoreModels`,
-run by Ray Data tasks on the same, already warm workers (or, with `score.compute=actors`, an actor pool that
-loads the K models once per actor). Higher is harder for every score:
+streaming the pixels chunk by chunk from the object store (`stages.pixels`: no process ever holds them all)
+— then every example is scored by the map stage `ScoreModels`, run by Ray Data tasks on the same, already
+warm workers (or, with `score.compute=actors`, an actor pool that loads the K models once per actor). With
+`score.use_gpu` the proxy tasks and the scorers each take `score.gpus_per_model` of a GPU and run in bf16.
+Higher is harder for every score:
 
 - `el2n`: E_k ‖softmax(f_k(x)) − onehot(y)‖₂ (L2 norm, not squared), eval mode, no augmentation;
   0 ≤ el2n ≤ √2, and a uniform prediction gives √(1 − 1/C). `el2n_std` is the std over the K models.
@@ -43,11 +45,12 @@ import torch.nn.functional as F
 
 from pipeline.core.config import Config, ScoreConfig
 from pipeline.core.errors import UserInputError
-from pipeline.core.runtime import cluster_cpus
+from pipeline.core.runtime import cluster_cpus, cluster_gpus
 from pipeline.core.storage import join
 from pipeline.models.proxy import ProxyNet, ProxyResult, ProxySpec, build_proxy, to_input, train_proxy
 from stages.base import ALL_TO_ALL, Batch, Progress, Resources, Stage, map_batches
 from stages.embed import encoder_embeddings, prototype_scores
+from stages.pixels import ChunkWindows, PixelChunks
 from stages.score_cache import ScoreCache, scoring_key
 
 log = logging.getLogger(__name__)
@@ -85,8 +88,8 @@ def grand_full(model: ProxyNet, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         return F.cross_entropy(logits, yi[None])
 
     grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
-    sq = sum(g.reshape(len(x), -1).pow(2).sum(1) for g in grads.values())
-    return sq.sqrt().numpy()
+    sq = sum(g.reshape(len(x), -1).float().pow(2).sum(1) for g in grads.values())
+    return sq.sqrt().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------- map stage
@@ -95,11 +98,11 @@ def grand_full(model: ProxyNet, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
 class ScoreModels(Stage):
     """Map stage: the K proxies' scores for rows given by index.
 
-    Input column: `row` (int64 indices into the images and labels the stage holds). Output columns: `row`;
+    Input column: `row` (int64 indices into the pixels and labels the stage holds). Output columns: `row`;
     `el2n`, `el2n_std`, `grand` when it has labels; `embedding` (N, K·D), the L2-normalised features of each
-    proxy concatenated, when `embed`. The images and labels arrive as object-store references, read
-    zero-copy once per task or actor (`setup`); each call scores `batch_size` rows at a time (all at once
-    when None).
+    proxy concatenated, when `embed`. The pixels are chunks in the object store, fetched per call for the
+    rows it scores; the labels and weights arrive as object-store references, read once per task or actor
+    (`setup`). Each call scores `batch_size` rows at a time (all at once when None), on `spec.device`.
     """
 
     name = "score-rows"
@@ -110,7 +113,7 @@ class ScoreModels(Stage):
         self,
         states: list[dict[str, torch.Tensor]] | ray.ObjectRef,
         spec: ProxySpec,
-        images: np.ndarray | ray.ObjectRef,
+        pixels: PixelChunks,
         labels: np.ndarray | ray.ObjectRef | None,
         grand: str = "last-layer",
         embed: bool = False,
@@ -118,7 +121,7 @@ class ScoreModels(Stage):
         batch_size: int | None = None,
         resources: Resources = Resources(),
     ) -> None:
-        self.states, self.spec, self.images, self.labels = states, spec, images, labels
+        self.states, self.spec, self.pixels, self.labels = states, spec, pixels, labels
         self.grand, self.embed, self.threads, self.batch_size = grand, embed, threads, batch_size
         self.resources = resources
         labeled = ("el2n", "el2n_std", "grand") if labels is not None else ()
@@ -128,14 +131,14 @@ class ScoreModels(Stage):
     def setup(self) -> None:
         # Ray Data passes the stage as built: resolve object-store references once per task or actor
         # (numpy arrays come back zero-copy from shared memory).
-        self.states, self.images, self.labels = (
-            ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in (self.states, self.images, self.labels)
+        self.states, self.labels = (
+            ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in (self.states, self.labels)
         )
         self.models = []
         for state in self.states:
             model = build_proxy(self.spec.model, self.spec.num_classes)
             model.load_state_dict(state)
-            self.models.append(model.eval())
+            self.models.append(model.to(self.spec.device).eval())
 
     def process(self, batch: Batch) -> Batch:
         torch.set_num_threads(self.threads)
@@ -146,11 +149,13 @@ class ScoreModels(Stage):
 
     @torch.inference_mode()
     def _forward(self, model: ProxyNet, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        h = model.features(x)
-        return F.softmax(model.head(h), dim=1).numpy(), h.numpy()
+        with self.spec.autocast():
+            h = model.features(x)
+            logits = model.head(h)
+        return F.softmax(logits.float(), dim=1).cpu().numpy(), h.float().cpu().numpy()
 
     def _score(self, rows: np.ndarray) -> Batch:
-        x = to_input(self.images[rows])
+        x = to_input(self.pixels.take(rows)).to(self.spec.device, non_blocking=True)
         out: Batch = {"row": rows}
         per_el2n, per_grand, embeddings = [], [], []
         for model in self.models:
@@ -159,7 +164,7 @@ class ScoreModels(Stage):
                 y = self.labels[rows]
                 per_el2n.append(el2n(probs, y))
                 if self.grand == "full":
-                    per_grand.append(grand_full(model, x, torch.from_numpy(y)))
+                    per_grand.append(grand_full(model, x, torch.from_numpy(y).to(x.device)))
                 else:
                     per_grand.append(grand_last_layer(probs, y, h))
             if self.embed:
@@ -193,9 +198,22 @@ def rows_per_block(config: ScoreConfig, rows: int) -> int:
     return config.score_batch_size * max(1, min(8, batches))
 
 
+def gpus_per_model(config: ScoreConfig) -> float:
+    """The GPU share of each proxy task and scorer: `score.gpus_per_model` with `score.use_gpu`, else 0.
+    Fails before any work when the cluster has no GPU (Ray would wait for one forever)."""
+    if not config.use_gpu:
+        return 0.0
+    if cluster_gpus() <= 0:
+        raise UserInputError(
+            "score.use_gpu=true, but this Ray cluster has no GPU: "
+            "set score.use_gpu=false (or --set score.use_gpu=false) or connect to a cluster with GPUs"
+        )
+    return config.gpus_per_model
+
+
 def score_rows(
     rows: np.ndarray,
-    images: np.ndarray,
+    pixels: PixelChunks,
     labels: np.ndarray | None,
     states: list[dict[str, torch.Tensor]],
     spec: ProxySpec,
@@ -203,7 +221,7 @@ def score_rows(
     embed: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
-    """Score `rows` (indices into images/labels) with the K proxies: `ScoreModels` over Ray Data, as tasks
+    """Score `rows` (indices into pixels/labels) with the K proxies: `ScoreModels` over Ray Data, as tasks
     or an actor pool (`score.compute`). Returns its columns, in `rows` order.
 
     Tasks, the default: building the K small proxies takes milliseconds, while an actor pool starts a fresh
@@ -225,12 +243,12 @@ def score_rows(
     stage = ScoreModels(
         states=ray.put(states),
         spec=spec,
-        images=ray.put(images),
+        pixels=pixels,
         labels=None if labels is None else ray.put(np.asarray(labels, dtype=np.int64)),
         grand=config.grand,
         embed=embed,
         batch_size=config.score_batch_size,
-        resources=Resources(cpus=1, actors=actors),
+        resources=Resources(cpus=1, gpus=gpus_per_model(config), actors=actors),
     )
     parts: list[dict[str, np.ndarray]] = []
     done = 0
@@ -249,17 +267,19 @@ def score_rows(
 
 
 def train_proxies(
-    images: np.ndarray,
+    pixels: PixelChunks,
     labels: np.ndarray,
     spec: ProxySpec,
     seeds: list[int],
-    cpus_per_model: float = 1.0,
+    config: ScoreConfig,
     progress: Progress | None = None,
 ) -> list[ProxyResult]:
-    """Train one proxy per seed as parallel Ray tasks; the pixels go to the object store once."""
-    images_ref, labels_ref = ray.put(images), ray.put(np.asarray(labels, dtype=np.int64))
-    task = ray.remote(num_cpus=cpus_per_model)(train_proxy)
-    pending = [task.remote(images_ref, labels_ref, spec, seed) for seed in seeds]
+    """Train one proxy per seed as parallel Ray tasks (`score.cpus_per_model` CPUs and, with
+    `score.use_gpu`, `score.gpus_per_model` of a GPU each), each streaming the pixels window by window."""
+    windows = ChunkWindows(pixels, config.window_chunks)
+    labels_ref = ray.put(np.asarray(labels, dtype=np.int64))
+    task = ray.remote(num_cpus=config.cpus_per_model, num_gpus=gpus_per_model(config))(train_proxy)
+    pending = [task.remote(windows, labels_ref, spec, seed) for seed in seeds]
     order = {ref: i for i, ref in enumerate(pending)}
     results: list[ProxyResult | None] = [None] * len(pending)
     remaining = list(pending)
@@ -278,7 +298,7 @@ def train_proxies(
 class ScoringInputs:
     """What every scoring step reads."""
 
-    images: np.ndarray  # (N, S, S, 3) uint8
+    pixels: PixelChunks  # N images (S, S, 3) uint8, in chunks in the object store
     labels: np.ndarray  # (N,) int64, −1 where unlabeled
     spec: ProxySpec  # the proxies' model, task and training settings
     config: ScoreConfig
@@ -304,7 +324,7 @@ def obtain_proxies(inputs: ScoringInputs, cached: dict[str, Any] | None, needed:
     """The cached proxies when the scoring key has them (so old and new images are scored by the same
     models), else K new ones trained on every image (forgetting needs each image's whole training history),
     or none when the scorer needs none."""
-    no_forgetting = np.full(len(inputs.images), np.nan)
+    no_forgetting = np.full(len(inputs.pixels), np.nan)
     if cached is not None:
         if needed:
             log.info("reusing %d cached proxies; new images get no forgetting count", len(cached["states"]))
@@ -313,9 +333,7 @@ def obtain_proxies(inputs: ScoringInputs, cached: dict[str, Any] | None, needed:
         return Proxies([], no_forgetting, [])
     sc = inputs.config
     seeds = [sc.seed + k for k in range(sc.num_models)]
-    results = train_proxies(
-        inputs.images, inputs.labels, inputs.spec, seeds, sc.cpus_per_model, inputs.progress
-    )
+    results = train_proxies(inputs.pixels, inputs.labels, inputs.spec, seeds, sc, inputs.progress)
     forgetting = np.mean([r.forgetting for r in results], axis=0)
     return Proxies([r.state for r in results], forgetting, [r.losses for r in results])
 
@@ -340,7 +358,7 @@ def labeled_columns(
     with timed(seconds, "score"):
         cols = score_rows(
             rows,
-            inputs.images,
+            inputs.pixels,
             inputs.labels,
             proxies.states,
             inputs.spec,
@@ -366,13 +384,13 @@ def prototype_columns(
     sc = inputs.config
     with timed(seconds, "score"):
         cols = (
-            score_rows(rows, inputs.images, None, proxies.states, inputs.spec, sc, True, inputs.progress)
+            score_rows(rows, inputs.pixels, None, proxies.states, inputs.spec, sc, True, inputs.progress)
             if sc.encoder is None
             else {}
         )
     with timed(seconds, "prototype"):
         if sc.encoder is not None:
-            embedding = encoder_embeddings(sc.encoder, inputs.images[rows], inputs.storage_options)
+            embedding = encoder_embeddings_of(sc.encoder, inputs.pixels, rows, inputs.storage_options)
         else:
             embedding = cols["embedding"]
         distances, proxies.centroids = prototype_scores(
@@ -386,6 +404,17 @@ def prototype_columns(
         "forgetting": unscored,
         "prototype": distances,
     }
+
+
+def encoder_embeddings_of(
+    url: str, pixels: PixelChunks, rows: np.ndarray, storage_options: dict[str, Any]
+) -> np.ndarray:
+    """`stages.embed.encoder_embeddings` of `rows`, read one chunk at a time: (len(rows), D) in rows' order."""
+    parts = list(pixels.iter_rows(rows))
+    embedding = encoder_embeddings(url, (images for _, images in parts), storage_options)
+    order = np.concatenate([r for r, _ in parts]) if parts else np.zeros(0, dtype=np.int64)
+    position = {r: i for i, r in enumerate(order.tolist())}
+    return embedding[[position[r] for r in np.asarray(rows).tolist()]]
 
 
 @dataclass(frozen=True)
@@ -520,17 +549,19 @@ def require_labels(labels: np.ndarray, method: str) -> None:
 
 def score_images(
     frame: pd.DataFrame,
-    images: np.ndarray,
+    images: PixelChunks | np.ndarray,
     classes: list[str],
     config: Config,
     progress: Progress | None = None,
 ) -> ScoreOutcome:
     """Score every image per `config.score`; reuse cached scores and proxies where the scoring key matches.
 
-    frame: `sha256` and `label` per image, row i ↔ images[i] ((N, S, S, 3) uint8). Only cache misses are
-    scored; the new scores (and the proxies) go back into the cache.
+    frame: `sha256` and `label` per image, row i ↔ image i of `images` (chunks in the object store, or an
+    (N, S, S, 3) uint8 array, which is put there in chunks). Only cache misses are scored; the new scores (and
+    the proxies) go back into the cache.
     """
     sc = config.score
+    pixels = images if isinstance(images, PixelChunks) else PixelChunks.from_array(images, sc.chunk_rows)
     scorer = scorer_for(sc.method)
     keys = frame[["sha256", "label"]].reset_index(drop=True)
     labels = keys["label"].to_numpy(dtype=np.int64)
@@ -549,7 +580,7 @@ def score_images(
     new: pd.DataFrame | None = None
     losses: list[list[float]] = []
     if len(misses):
-        inputs = ScoringInputs(images, labels, spec, sc, config.data.storage_options, progress)
+        inputs = ScoringInputs(pixels, labels, spec, sc, config.data.storage_options, progress)
         cached_models = cache.load_models() if cache else None
         new, proxies = score_misses(scorer, inputs, misses, cached_models, seconds)
         losses = proxies.losses
@@ -574,7 +605,7 @@ class ScoreStage(Stage):
 
     name = "score"
     kind = ALL_TO_ALL
-    inputs = ("sha256", "label", "image")
+    inputs = ("sha256", "label", "pixels")
     outputs = (*SCORE_COLUMNS, "score")
 
     def __init__(self, config: Config, classes: list[str], progress: Progress | None = None) -> None:
@@ -584,7 +615,7 @@ class ScoreStage(Stage):
 
     def process(self, batch: Batch) -> Batch:
         frame = pd.DataFrame({"sha256": batch["sha256"], "label": batch["label"]})
-        self.outcome = score_images(frame, batch["image"], self.classes, self.config, self.progress)
+        self.outcome = score_images(frame, batch["pixels"], self.classes, self.config, self.progress)
         return {**batch, **{name: self.outcome.columns[name].to_numpy() for name in self.outputs}}
 
 

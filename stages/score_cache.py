@@ -46,6 +46,7 @@ _NOT_IN_KEY = {
     "compute",
     "actors",
     "score_batch_size",
+    "gpus_per_model",
     "num_clusters",
 }
 

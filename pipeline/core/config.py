@@ -101,6 +101,15 @@ class ScoreConfig(_Section):
     compute: Literal["tasks", "actors"] = "tasks"
     actors: int | None = Field(None, ge=1)  # actor pool size (compute=actors); None: one per CPU (max 8)
     score_batch_size: int = Field(512, gt=0)  # rows per forward pass (an actor call; a task takes 1–8)
+    # Where the proxies train and score: GPUs when use_gpu (bf16; the Ray cluster needs GPUs), each proxy
+    # task and scoring task or actor taking gpus_per_model of one (0.25: four small proxies share a GPU).
+    use_gpu: bool = False
+    gpus_per_model: float = Field(1.0, gt=0.0, le=1.0)
+    # The decoded pixels live in the object store as chunks of chunk_rows images in path order (never one
+    # array); a proxy reads window_chunks chunks at a time, visiting windows in random order and shuffling
+    # rows within each, so its memory is a window's, whatever the number of images.
+    chunk_rows: int = Field(512, gt=0)
+    window_chunks: int = Field(16, ge=1)
 
 
 class PruneConfig(_Section):

@@ -2,8 +2,9 @@
 
 A proxy is split as `body` (images → features h) and a linear `head` (h → logits): GraNd's closed form and
 the prototype embeddings need the features. `train_proxy` trains one for a few epochs (SGD, constant lr,
-as Paul et al. 2021 score mid-training) and counts forgetting events on the way; `stages.score` trains K
-of them as Ray tasks and scores every example with them.
+as Paul et al. 2021 score mid-training) and counts forgetting events on the way, reading its images window
+by window (`RowWindows`: no process holds them all); `stages.score` trains K of them as Ray tasks, on CPUs
+or GPUs, and scores every example with them.
 
 Two tasks: `labels` (the given classes) and `rotation` (label-free: predict which of `ROTATIONS` quarter
 turns was applied, for the prototype score).
@@ -11,8 +12,11 @@ turns was applied, for the prototype score).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -111,6 +115,18 @@ def rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- training
 
 
+class RowWindows(Protocol):
+    """Where a proxy reads its images: windows of rows, fetched one at a time (`stages.pixels`), so that no
+    process holds every image. Together the windows of one pass cover every row once."""
+
+    def __len__(self) -> int: ...
+
+    def windows(self, generator: torch.Generator | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows (n,) int64, images (n, S, S, 3) uint8) per window; in a random order drawn from
+        `generator`, rows shuffled within each window, or in row order when it is None."""
+        ...
+
+
 @dataclass(frozen=True)
 class ProxySpec:
     """What a proxy-training task needs from the config (small and picklable)."""
@@ -124,6 +140,7 @@ class ProxySpec:
     augment: bool
     task: str = "labels"  # labels | rotation (label-free)
     threads: int = 1
+    device: str = "cpu"  # cuda with score.use_gpu: the proxy trains and scores there, in bf16
 
     @classmethod
     def from_config(cls, config: ScoreConfig, num_classes: int, task: str = "labels") -> ProxySpec:
@@ -137,7 +154,14 @@ class ProxySpec:
             augment=config.augment,
             task=task,
             threads=max(1, math.floor(config.cpus_per_model)),
+            device="cuda" if config.use_gpu else "cpu",
         )
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """bf16 autocast on a GPU; nothing on CPU (fp32 there: CPU bf16 is slow and changes the scores)."""
+        if self.device == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
 
 @dataclass
@@ -148,71 +172,77 @@ class ProxyResult:
     losses: list[float] = field(default_factory=list)  # mean training loss per epoch
 
 
-def train_proxy(images: np.ndarray, labels: np.ndarray, spec: ProxySpec, seed: int) -> ProxyResult:
+def train_proxy(images: RowWindows, labels: np.ndarray, spec: ProxySpec, seed: int) -> ProxyResult:
     """Train one proxy for `spec.epochs` epochs (SGD, momentum 0.9, constant lr) and count forgetting.
 
-    images: (N, S, S, 3) uint8; labels: (N,) int64 in [0, C). Forgetting follows Toneva et al.: each time
-    an example is in a minibatch its (train-mode) correctness is recorded; a correct → incorrect step is one
-    event. Examples never predicted correctly get `epochs` events.
+    images: the N rows' uint8 pixels, read window by window (each epoch visits the windows in a new random
+    order and shuffles the rows within each); labels: (N,) int64 in [0, C). Forgetting follows Toneva et
+    al.: each time an example is in a minibatch its (train-mode) correctness is recorded; a correct →
+    incorrect step is one event. Examples never predicted correctly get `epochs` events.
     """
     torch.set_num_threads(spec.threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = build_proxy(spec.model, spec.num_classes)
+    device = torch.device(spec.device)
+    model = build_proxy(spec.model, spec.num_classes).to(device)
     opt = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay
     )
-    x_all = to_input(images)
     y_all = torch.from_numpy(np.array(labels, dtype=np.int64))  # a writable copy
-    n = len(x_all)
+    n = len(images)
     last_correct = torch.zeros(n, dtype=torch.bool)
     ever_correct = torch.zeros(n, dtype=torch.bool)
     events = torch.zeros(n, dtype=torch.int64)
     losses = []
     model.train()
     for _ in range(spec.epochs):
-        order = torch.randperm(n, generator=gen)
-        total, count = 0.0, 0
-        for start in range(0, n, spec.batch_size):
-            idx = order[start : start + spec.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            x = x_all[idx]
-            if spec.augment:
-                x = random_shift(x, gen)
-            if spec.task == "rotation":
-                y = torch.randint(0, ROTATIONS, (len(idx),), generator=gen)
-                x = rotate(x, y)
-            else:
-                y = y_all[idx]
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"proxy seed {seed}: non-finite loss {loss.item()}; lower score.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            correct = logits.detach().argmax(1) == y
-            events[idx] += (last_correct[idx] & ~correct).long()
-            last_correct[idx] = correct
-            ever_correct[idx] |= correct
-            total += loss.item() * len(idx)
-            count += len(idx)
-        losses.append(total / max(count, 1))
-    recompute_batchnorm(model, x_all, spec.batch_size)
+        total, count = torch.zeros((), device=device), 0
+        for rows, pixels in images.windows(gen):
+            x_window = to_input(pixels)
+            for start in range(0, len(rows), spec.batch_size):
+                idx = torch.from_numpy(rows[start : start + spec.batch_size])
+                if len(idx) < 2:  # BatchNorm needs two samples
+                    continue
+                x = x_window[start : start + spec.batch_size]
+                if spec.augment:
+                    x = random_shift(x, gen)
+                if spec.task == "rotation":
+                    y = torch.randint(0, ROTATIONS, (len(idx),), generator=gen)
+                    x = rotate(x, y)
+                else:
+                    y = y_all[idx]
+                x, y_dev = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with spec.autocast():
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y_dev)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                correct = (logits.detach().argmax(1) == y_dev).cpu()
+                events[idx] += (last_correct[idx] & ~correct).long()
+                last_correct[idx] = correct
+                ever_correct[idx] |= correct
+                total += loss.detach() * len(idx)
+                count += len(idx)
+        mean = float(total) / max(count, 1)  # one host sync per epoch
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"proxy seed {seed}: non-finite loss {mean}; lower score.lr")
+        losses.append(mean)
+    recompute_batchnorm(model, images, spec)
     forgetting = events.double().numpy()
     forgetting[~ever_correct.numpy()] = spec.epochs
     if spec.task == "rotation":
         forgetting[:] = np.nan
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return ProxyResult(seed=seed, state=state, forgetting=forgetting, losses=losses)
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """Set BatchNorm running statistics to the exact mean/var of the final weights' activations on `x`
-    (unaugmented). A few epochs at a high learning rate leave the running averages behind the weights,
-    and eval-mode scores (EL2N is computed in eval mode) would then describe a different network."""
+def recompute_batchnorm(model: nn.Module, images: RowWindows, spec: ProxySpec) -> None:
+    """Set BatchNorm running statistics to the exact mean/var of the final weights' activations over every
+    image (unaugmented, one pass in row order). A few epochs at a high learning rate leave the running
+    averages behind the weights, and eval-mode scores (EL2N is computed in eval mode) would then describe a
+    different network."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -220,10 +250,14 @@ def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> N
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
     model.train()
-    for start in range(0, len(x), batch_size):
-        chunk = x[start : start + batch_size]
-        if len(chunk) > 1:  # a 1×1 feature map of one image has no variance (BatchNorm raises)
-            model(chunk)
+    device = torch.device(spec.device)
+    for _, pixels in images.windows(None):
+        x_window = to_input(pixels)
+        for start in range(0, len(x_window), spec.batch_size):
+            chunk = x_window[start : start + spec.batch_size]
+            if len(chunk) > 1:  # a 1×1 feature map of one image has no variance (BatchNorm raises)
+                with spec.autocast():
+                    model(chunk.to(device, non_blocking=True))
     for m in norms:
         m.momentum = 0.1
     model.eval()

@@ -146,6 +146,19 @@ def test_every_yaml_parses_and_names_a_kind() -> None:
             assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
 
 
+def test_example_maskdiet_configs_load() -> None:
+    """infra/configs/ holds maskdiet configs (not manifests): each loads as the CLI would load it."""
+    from pipeline.core.config import load_config
+
+    configs = sorted((INFRA / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config = load_config(str(path))
+        assert config.data.input, path
+    gpu = load_config(str(INFRA / "configs" / "score-1m-gpu.yaml"))
+    assert gpu.score.use_gpu and gpu.score.model == "resnet18" and gpu.ray.address == "auto"
+
+
 def test_raycluster_has_cpu_head_and_autoscaled_gpu_workers() -> None:
     (doc,) = _docs(K8S / "raycluster.yaml")
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")

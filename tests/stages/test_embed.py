@@ -16,7 +16,8 @@ from pipeline.core.config import load_config
 from pipeline.curate import Decoded
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.base import check_chain
-from stages.embed import DuplicateGroups, near_duplicate_groups, prototype_scores
+from stages.embed import DuplicateGroups, near_duplicate_groups, prototype_scores, thumbnails
+from stages.pixels import PixelChunks
 from stages.score import ScoreOutcome, ScoreStage, score_images
 
 
@@ -30,7 +31,7 @@ def score_unlabeled(decoded: Decoded, overrides: list[str]) -> tuple[pd.DataFram
     stage = ScoreStage(load_config(None, overrides), decoded.classes)
     batch = stage(decoded.batch())
     assert stage.outcome is not None
-    return pd.DataFrame({k: v for k, v in batch.items() if k != "image"}), stage.outcome
+    return pd.DataFrame({k: v for k, v in batch.items() if k not in ("pixels", "thumbnail")}), stage.outcome
 
 
 def unlabeled(images: np.ndarray) -> Decoded:
@@ -43,7 +44,8 @@ def unlabeled(images: np.ndarray) -> Decoded:
             "class_name": "",
         }
     )
-    return Decoded(frame=frame, images=images, quarantine=pd.DataFrame(), classes=[])
+    pixels = {"pixels": PixelChunks.from_array(images), "thumbnail": thumbnails(images)}
+    return Decoded(frame=frame, quarantine=pd.DataFrame(), classes=[], pixels=pixels)
 
 
 def test_prototype_distance_flags_points_far_from_every_cluster() -> None:
@@ -142,12 +144,13 @@ def test_prototype_scores_with_an_encoder_train_no_proxies(tmp_path: Path) -> No
 
 
 def test_duplicate_stage_adds_the_groups() -> None:
-    """All-to-all (every image is compared with every other); needs the pixels, keeps the other columns."""
+    """All-to-all (every image is compared with every other); needs the thumbnails (made where the pixels
+    are), keeps the other columns."""
     stage = DuplicateGroups(threshold=0.98)
     assert stage.kind == "all-to-all"
-    assert check_chain([stage], ("path", "image")) == {"path", "image", "duplicate_group"}
+    assert check_chain([stage], ("path", "thumbnail")) == {"path", "thumbnail", "duplicate_group"}
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
     images[3] = images[1]
-    out = stage({"path": np.asarray(list("abcd"), dtype=object), "image": images})
+    out = stage({"path": np.asarray(list("abcd"), dtype=object), "thumbnail": thumbnails(images)})
     assert out["duplicate_group"].tolist() == [0, 1, 2, 1] and out["path"].tolist() == list("abcd")

@@ -20,6 +20,7 @@ from pipeline.curate import Decoded, decode_listing
 from pipeline.demo_data import DemoSpec, write_demo_data
 from pipeline.models.proxy import ProxySpec, build_proxy
 from stages.base import check_chain
+from stages.pixels import PixelChunks
 from stages.prune import prune
 from stages.read import list_images
 from stages.score import (
@@ -96,8 +97,9 @@ def test_score_rows_match_one_process(ray_cluster: None, compute: str) -> None:
     rows = rng.permutation(300)[:250]  # a subset, out of order
     per_block = rows_per_block(config, len(rows))
     assert per_block == (8 if compute == "actors" else 24), per_block
-    got = score_rows(rows, images, labels, states, spec, config, embed=True)
-    want = ScoreModels(states, spec, images, labels, embed=True)({"row": rows})
+    pixels = PixelChunks.from_array(images, chunk_rows=64)  # rows of a block span several chunks
+    got = score_rows(rows, pixels, labels, states, spec, config, embed=True)
+    want = ScoreModels(states, spec, pixels, labels, embed=True)({"row": rows})
     assert got.keys() == want.keys()
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
@@ -116,7 +118,7 @@ def test_score_stage_contract() -> None:
     """All-to-all (proxies train on every image first); needs the pixels; makes every score column."""
     stage = ScoreStage(load_config(None, ["score.method=grand"]), classes=["a", "b"])
     assert stage.kind == "all-to-all"
-    assert check_chain([stage], ("path", "sha256", "label", "image")) >= {*SCORE_COLUMNS, "score"}
+    assert check_chain([stage], ("path", "sha256", "label", "pixels")) >= {*SCORE_COLUMNS, "score"}
     unscored = Unscored()({"path": np.asarray(["a", "b"], dtype=object)})
     assert np.isnan(unscored["score"]).all() and len(unscored["score"]) == 2
 
@@ -144,7 +146,9 @@ def scored(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Score
     stage = ScoreStage(config, decoded.classes)
     batch = stage(decoded.batch())
     assert stage.outcome is not None
-    rows = pd.DataFrame({name: column for name, column in batch.items() if name != "image"})
+    rows = pd.DataFrame(
+        {name: column for name, column in batch.items() if name not in ("pixels", "thumbnail")}
+    )
     truth = pd.read_parquet(root / "_truth.parquet").set_index("path").loc[decoded.frame["path"]]
     return Scored(root, config, decoded, stage.outcome, rows, truth.reset_index())
 
