@@ -4,7 +4,8 @@ Workload: `N` decoded images (S×S×3 uint8, S = 32, fixed-seed pixels; throughp
 they show) scored by K = 5 `cnn-small` proxies: per image, K forward passes in eval mode, softmax, EL2N and
 last-layer GraNd, mean and std over K — what `maskdiet curate --score el2n` runs after proxy training.
 
-- maskdiet: `stages.score.score_rows` — the pixels go to the object store once; Ray Data `map_batches`
+- maskdiet: `stages.score.score_rows` — the pixels are in the object store as chunks (`stages.pixels`, as
+  curate leaves them, put there once before the timing, as the loop's are in memory); Ray Data `map_batches`
   tasks (the default, `score.compute=tasks`: 1 CPU and 1 torch thread each, on Ray's running workers)
   build the K models per block of up to 8 batches of `score.score_batch_size` rows and score them; timed
   from building the dataset to the last block on the driver. Also measured: `score.compute=actors`
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from benchmarks.common import Row, local_ray, main, ratio, tiny
 from pipeline.core.config import ScoreConfig
 from pipeline.models.proxy import ProxySpec, build_proxy, to_input
+from stages.pixels import PixelChunks
 from stages.score import el2n, grand_last_layer, score_rows
 
 log = logging.getLogger(__name__)
@@ -101,10 +103,12 @@ def run(quick: bool = False) -> list[Row]:
             torch_loop(images, labels, states, batch, cores)
             torch.set_num_threads(threads)
         else:
-            result.update(score_rows(rows, images, labels, states, spec, configs[name]))
+            result.update(score_rows(rows, pixels, labels, states, spec, configs[name]))
         seconds[name].append(time.perf_counter() - start)
 
     with local_ray(cores):
+        # in the object store as curate leaves them (chunks), as the loop has them in memory
+        pixels = PixelChunks.from_array(images, ScoreConfig().chunk_rows)
         timed("tasks")  # fresh workers: torch is imported in each
         first_pass = seconds["tasks"].pop()
         timed("loop")
