@@ -47,7 +47,7 @@ from pipeline.core.config import Config, ScoreConfig
 from pipeline.core.errors import UserInputError
 from pipeline.core.runtime import cluster_cpus, cluster_gpus
 from pipeline.core.storage import join
-from pipeline.models.proxy import ProxyNet, ProxyResult, ProxySpec, build_proxy, to_input, train_proxy
+from pipeline.models.proxy import ProxyNet, ProxyResult, ProxySpec, to_input, train_proxy
 from stages.base import ALL_TO_ALL, Batch, Progress, Resources, Stage, map_batches
 from stages.embed import encoder_embeddings, prototype_scores
 from stages.pixels import ChunkWindows, PixelChunks
@@ -136,7 +136,7 @@ class ScoreModels(Stage):
         )
         self.models = []
         for state in self.states:
-            model = build_proxy(self.spec.model, self.spec.num_classes)
+            model = self.spec.build()
             model.load_state_dict(state)
             self.models.append(model.to(self.spec.device).eval())
 
@@ -568,7 +568,7 @@ def score_images(
     if scorer.needs_labels:
         require_labels(labels, sc.method)
     num_classes = max(len(classes), int(labels.max()) + 1 if len(labels) else 1)
-    spec = ProxySpec.from_config(sc, num_classes, scorer.task)
+    spec = ProxySpec.from_config(sc, num_classes, scorer.task, config.decode.image_size)
     cache = open_cache(config, classes, scorer.task)
 
     seconds: dict[str, float] = {}

@@ -58,10 +58,16 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-def build_proxy(name: str, num_classes: int) -> ProxyNet:
+SMALL_IMAGE_PX = 64  # up to this size a ResNet proxy gets the CIFAR stem
+
+
+def build_proxy(name: str, num_classes: int, image_size: int | None = None) -> ProxyNet:
     """`cnn-small`: a stride-2 stem and 2 conv blocks (16-32-64 channels, ~25k weights, ~0.7M
     multiply-adds at 32×32), global average pool, D = 64: K of them train on a laptop's cores in seconds.
-    `resnet18`: timm's ResNet-18 trunk (random init), D = 512."""
+    `resnet18`: timm's ResNet-18 trunk (random init), D = 512, with the ImageNet stem (7×7 stride-2 conv and
+    a max-pool: 32× down by the last stage) above `SMALL_IMAGE_PX`, and at or below it (or with no size
+    given) the CIFAR stem (3×3 stride-1 conv, no pool), since the ImageNet one leaves a 32 px image 1×1
+    after the second stage."""
     if name == "cnn-small":
         body = nn.Sequential(
             nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False),  # (N, 16, S/2, S/2)
@@ -79,6 +85,9 @@ def build_proxy(name: str, num_classes: int) -> ProxyNet:
         import timm
 
         trunk = timm.create_model("resnet18", pretrained=False, num_classes=0)
+        if image_size is None or image_size <= SMALL_IMAGE_PX:
+            trunk.conv1 = nn.Conv2d(3, trunk.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+            trunk.maxpool = nn.Identity()
         return ProxyNet(trunk, trunk.num_features, num_classes)
     raise UserInputError(f"unknown score.model {name!r}; expected cnn-small or resnet18")
 
@@ -141,9 +150,12 @@ class ProxySpec:
     task: str = "labels"  # labels | rotation (label-free)
     threads: int = 1
     device: str = "cpu"  # cuda with score.use_gpu: the proxy trains and scores there, in bf16
+    image_size: int | None = None  # the decoded size (picks a ResNet's stem)
 
     @classmethod
-    def from_config(cls, config: ScoreConfig, num_classes: int, task: str = "labels") -> ProxySpec:
+    def from_config(
+        cls, config: ScoreConfig, num_classes: int, task: str = "labels", image_size: int | None = None
+    ) -> ProxySpec:
         return cls(
             model=config.model,
             num_classes=ROTATIONS if task == "rotation" else num_classes,
@@ -155,7 +167,12 @@ class ProxySpec:
             task=task,
             threads=max(1, math.floor(config.cpus_per_model)),
             device="cuda" if config.use_gpu else "cpu",
+            image_size=image_size,
         )
+
+    def build(self) -> ProxyNet:
+        """A fresh proxy of this spec (random init, on the CPU)."""
+        return build_proxy(self.model, self.num_classes, self.image_size)
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         """bf16 autocast on a GPU; nothing on CPU (fp32 there: CPU bf16 is slow and changes the scores)."""
@@ -184,7 +201,7 @@ def train_proxy(images: RowWindows, labels: np.ndarray, spec: ProxySpec, seed: i
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = torch.device(spec.device)
-    model = build_proxy(spec.model, spec.num_classes).to(device)
+    model = spec.build().to(device)
     opt = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay
     )

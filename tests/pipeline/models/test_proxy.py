@@ -1,0 +1,58 @@
+"""pipeline/models/proxy.py: the proxies' models and their training over windows of rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.models.proxy import ProxySpec, build_proxy, train_proxy
+
+
+def test_resnet_stem_follows_the_image_size() -> None:
+    """The CIFAR stem at small sizes (a 32 px image would be 1×1 after two ImageNet-stem stages), the
+    ImageNet stem above 64 px; both give D = 512 features."""
+    small, large = build_proxy("resnet18", 10, 32), build_proxy("resnet18", 10, 96)
+    assert small.body.conv1.kernel_size == (3, 3) and isinstance(small.body.maxpool, nn.Identity)
+    assert large.body.conv1.kernel_size == (7, 7) and not isinstance(large.body.maxpool, nn.Identity)
+    for model, size in ((small, 32), (large, 96)):
+        x = torch.randn(2, 3, size, size)
+        assert model.features(x).shape == (2, 512) and model(x).shape == (2, 10)
+
+
+class ArrayWindows:
+    """`RowWindows` over an in-memory array, in windows of `size` rows; records the largest one handed out."""
+
+    def __init__(self, images: np.ndarray, size: int) -> None:
+        self.images, self.size, self.largest = images, size, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def windows(self, generator: torch.Generator | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        n = len(self.images)
+        order = torch.randperm(n, generator=generator).numpy() if generator is not None else np.arange(n)
+        for start in range(0, n, self.size):
+            rows = order[start : start + self.size]
+            self.largest = max(self.largest, len(rows))
+            yield rows, self.images[rows]
+
+
+def test_a_proxy_learns_from_windows_and_counts_forgetting() -> None:
+    """Two classes a proxy tells apart at once (dark vs bright images): the loss falls, every row gets a
+    forgetting count, and no step saw more than one window of rows."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 64)
+    images = np.where(labels[:, None, None, None] == 1, 200, 40) + rng.integers(
+        -30, 30, size=(128, 16, 16, 3)
+    )
+    windows = ArrayWindows(images.clip(0, 255).astype(np.uint8), size=32)
+    spec = ProxySpec("cnn-small", 2, epochs=4, batch_size=16, lr=0.05, weight_decay=0.0, augment=True)
+    result = train_proxy(windows, labels, spec, seed=0)
+    assert result.losses[-1] < result.losses[0]
+    assert result.forgetting.shape == (128,) and (result.forgetting >= 0).all()
+    assert windows.largest == 32
+    again = train_proxy(ArrayWindows(windows.images, size=32), labels, spec, seed=0)  # same seed, same run
+    assert again.losses == result.losses
