@@ -49,9 +49,9 @@ def workload(quick: bool) -> tuple[int, int]:
     return 5000, 20000
 
 
-def write_digits(url: str, count: int) -> None:
-    """`count` demo digits (10 classes, 32² px, PNG and JPEG alternating) under `url`."""
-    write_demo_data(url, DemoSpec(sources=("digits",), per_class=max(1, count // 10), size=32, seed=0))
+def write_digits(url: str, count: int, size: int = 32) -> None:
+    """`count` demo digits (10 classes, `size`² px, PNG and JPEG alternating) under `url`."""
+    write_demo_data(url, DemoSpec(sources=("digits",), per_class=max(1, count // 10), size=size, seed=0))
 
 
 class DriverPeak:
@@ -66,8 +66,9 @@ class DriverPeak:
             self.peak = max(self.peak, float(self.process.memory_info().rss))
 
 
-def curate_peak(images: str, output: str) -> dict[str, float]:
-    """Run `maskdiet curate --score none` in a child process; its tree's peak PSS/RSS and wall seconds."""
+def curate_peak(images: str, output: str, options: tuple[str, ...] = ("--score", "none")) -> dict[str, float]:
+    """Run `maskdiet curate` (by default `--score none`; `options` replaces that) in a child process; its
+    tree's peak PSS/RSS and wall seconds."""
     command = [
         sys.executable,
         "-m",
@@ -77,8 +78,7 @@ def curate_peak(images: str, output: str) -> dict[str, float]:
         images,
         "--output",
         output,
-        "--score",
-        "none",
+        *options,
         "--set",
         "ray.num_cpus=2",
         "--set",
