@@ -31,7 +31,7 @@ from pipeline.core.runs import publish, run_dir_for
 from pipeline.core.storage import atomic_write_bytes, join, output_lock, read_bytes
 from stages.base import Batch, ChainStages, Progress, Stage, check_chain, run_on_driver
 from stages.decode import GOOD_COLUMNS, DecodeOptions, DecodeStage, GatherDecoded
-from stages.embed import DuplicateGroups
+from stages.embed import Device, DuplicateGroups
 from stages.export import ExportResult, export_kept
 from stages.formats import UNIT_COLUMNS, ContainerListing, finish_labels
 from stages.manifest import MANIFEST_NAME, QUARANTINE_NAME, ManifestStage, manifest_frame, write_quarantine
@@ -169,7 +169,9 @@ def curation_stages(
     columns before anything runs."""
     scoring = config.score.method != "none"
     score = ScoreStage(config, classes, progress) if scoring else None
-    rows: list[Stage] = [score, DuplicateGroups(config.score.duplicate_threshold)] if score else [Unscored()]
+    gpus = config.score.gpus_per_model if config.score.use_gpu else 0.0  # the duplicate search's device
+    duplicates = DuplicateGroups(config.score.duplicate_threshold, Device(gpus))
+    rows: list[Stage] = [score, duplicates] if score else [Unscored()]
     rows.append(PruneStage(prune_config(config)))
     manifest = ManifestStage(manifest_url, metadata, config.data.storage_options)
     plan = CurationPlan(Ingest.build(config, keep_images=scoring, source=source), rows, manifest, score)

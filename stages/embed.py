@@ -19,10 +19,12 @@ Both are global, so they run as all-to-all stages: `DuplicateGroups` here, and t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 
@@ -30,23 +32,86 @@ from stages.base import ALL_TO_ALL, Batch, Stage
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 def prototype_scores(
-    embedding: np.ndarray, num_clusters: int, seed: int = 0, centroids: np.ndarray | None = None
+    embedding: np.ndarray,
+    num_clusters: int,
+    seed: int = 0,
+    centroids: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distance of each embedding (N, D) to its nearest centroid: (N,), and the centroids (k, D).
 
     With `centroids` given (from an earlier run, kept in the score cache) no clustering is done, so new
-    images are measured against the same prototypes as the old ones.
+    images are measured against the same prototypes as the old ones. Runs in torch on `device` (a GPU with
+    `score.use_gpu`), in float64 on the CPU and float32 on a GPU.
     """
-    x = np.asarray(embedding, dtype=np.float64)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x = torch.as_tensor(np.asarray(embedding), dtype=dtype, device=device)
     if centroids is None:
-        from sklearn.cluster import KMeans
+        c = kmeans(x, max(1, min(num_clusters, len(x))), seed)
+    else:
+        c = torch.as_tensor(np.asarray(centroids), dtype=dtype, device=device)
+    d2, _ = nearest(x, c)
+    return d2.clamp_min(0).sqrt().double().cpu().numpy(), c.double().cpu().numpy()
 
-        k = max(1, min(num_clusters, len(x)))
-        centroids = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(x).cluster_centers_
-    d2 = (x**2).sum(1)[:, None] - 2 * x @ centroids.T + (centroids**2).sum(1)[None, :]  # (N, k)
-    return np.sqrt(np.maximum(d2.min(1), 0.0)), np.asarray(centroids)
+
+def nearest(x: torch.Tensor, c: torch.Tensor, block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distance of each row of x (N, D) to its nearest row of c (k, D), and that row's index;
+    `block` rows at a time, so memory is O(block·k), not O(N·k)."""
+    c_sq = (c**2).sum(1)
+    best, index = [], []
+    for start in range(0, len(x), block):
+        xb = x[start : start + block]
+        d2 = (xb**2).sum(1, keepdim=True) - 2 * xb @ c.T + c_sq  # (b, k)
+        value, arg = d2.min(1)
+        best.append(value)
+        index.append(arg)
+    if not best:
+        return x.new_zeros(0), torch.zeros(0, dtype=torch.long, device=x.device)
+    return torch.cat(best), torch.cat(index)
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int, restarts: int = 4, iterations: int = 100) -> torch.Tensor:
+    """k-means (k-means++ seeding, Lloyd's iterations) on x (N, D) where x lives, the best of `restarts`
+    by inertia: the centroids (k, D). Batched distances only (`nearest`), so a GPU clusters millions of
+    embeddings, where scikit-learn's would run on the driver's CPU."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    best, best_inertia = x[:k], float("inf")
+    for _ in range(restarts):
+        c = _kmeans_pp(x, k, generator)
+        for _ in range(iterations):
+            _, assign = nearest(x, c)
+            sums = torch.zeros_like(c).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=k).to(x.dtype)
+            moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)  # empty: stays
+            shift = float((moved - c).pow(2).sum())
+            c = moved
+            if shift <= 1e-10 * float(c.pow(2).sum().clamp_min(1e-12)):
+                break
+        inertia = float(nearest(x, c)[0].clamp_min(0).sum())
+        if inertia < best_inertia:
+            best, best_inertia = c, inertia
+    return best
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each next centre drawn with probability ∝ squared distance to the nearest so far."""
+    first = int(torch.randint(len(x), (1,), generator=generator))
+    centres = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        weights = d2.clamp_min(0).double().cpu()
+        pick = (
+            int(torch.multinomial(weights, 1, generator=generator))
+            if float(weights.sum()) > 0
+            else int(torch.randint(len(x), (1,), generator=generator))
+        )
+        centres.append(x[pick])
+        d2 = torch.minimum(d2, ((x - x[pick]) ** 2).sum(1))
+    return torch.stack(centres)
 
 
 def thumbnails(images: np.ndarray, side: int = 16) -> np.ndarray:
@@ -72,15 +137,20 @@ def near_duplicate_groups(images: np.ndarray, threshold: float, block: int = 204
     )
 
 
-def thumbnail_groups(thumbs: np.ndarray, threshold: float, block: int = 2048) -> np.ndarray:
-    """`near_duplicate_groups` from the images' `thumbnails` (N, D), computed where the pixels are."""
+def thumbnail_groups(
+    thumbs: np.ndarray, threshold: float, block: int = 2048, device: str = "cpu"
+) -> np.ndarray:
+    """`near_duplicate_groups` from the images' `thumbnails` (N, D), computed where the pixels are. The
+    similarities are computed block by block on `device` (a GPU with `score.use_gpu`); only the pairs over
+    the threshold come back."""
     n = len(thumbs)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
+    t = torch.as_tensor(np.asarray(thumbs, dtype=np.float32), device=device)
     parent = np.arange(n)
     for start in range(0, n, block):
-        sims = thumbs[start : start + block] @ thumbs[start:].T  # (b, N − start)
-        rows, cols = np.nonzero(sims >= threshold)
+        sims = t[start : start + block] @ t[start:].T  # (b, N − start)
+        rows, cols = (v.cpu().numpy() for v in torch.nonzero(sims >= threshold, as_tuple=True))
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
             i, j = start + r, start + c
             if j <= i:
@@ -102,11 +172,27 @@ class DuplicateGroups(Stage):
     inputs = ("thumbnail",)
     outputs = ("duplicate_group",)
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, device: Device | None = None) -> None:
         self.threshold = threshold  # cosine similarity of mean-removed thumbnails (score.duplicate_threshold)
+        self.device = device or Device()
 
     def process(self, batch: Batch) -> Batch:
-        return {**batch, "duplicate_group": thumbnail_groups(batch["thumbnail"], self.threshold)}
+        groups = self.device.run(thumbnail_groups, batch["thumbnail"], self.threshold)
+        return {**batch, "duplicate_group": groups}
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a global step's tensor work runs: here on the CPU, or (`gpus` > 0, `score.use_gpu`) in a Ray
+    task holding that share of a GPU, since the driver that runs the all-to-all stages often has none."""
+
+    gpus: float = 0.0
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args, device=...)` on this device."""
+        if not self.gpus:
+            return fn(*args, device="cpu")
+        return ray.get(ray.remote(num_cpus=1, num_gpus=self.gpus)(fn).remote(*args, device="cuda"))
 
 
 def _multi(groups: np.ndarray) -> int:

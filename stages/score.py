@@ -49,7 +49,7 @@ from pipeline.core.runtime import cluster_cpus, cluster_gpus
 from pipeline.core.storage import join
 from pipeline.models.proxy import ProxyNet, ProxyResult, ProxySpec, to_input, train_proxy
 from stages.base import ALL_TO_ALL, Batch, Progress, Resources, Stage, map_batches
-from stages.embed import encoder_embeddings, prototype_scores
+from stages.embed import Device, encoder_embeddings, prototype_scores
 from stages.pixels import ChunkWindows, PixelChunks
 from stages.score_cache import ScoreCache, scoring_key
 
@@ -393,8 +393,8 @@ def prototype_columns(
             embedding = encoder_embeddings_of(sc.encoder, inputs.pixels, rows, inputs.storage_options)
         else:
             embedding = cols["embedding"]
-        distances, proxies.centroids = prototype_scores(
-            embedding, sc.num_clusters, sc.seed, proxies.centroids
+        distances, proxies.centroids = Device(gpus_per_model(sc)).run(
+            prototype_scores, embedding, sc.num_clusters, sc.seed, proxies.centroids
         )
     unscored = np.full(len(rows), np.nan)
     return {

@@ -16,7 +16,7 @@ from pipeline.core.config import load_config
 from pipeline.curate import Decoded
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.base import check_chain
-from stages.embed import DuplicateGroups, near_duplicate_groups, prototype_scores, thumbnails
+from stages.embed import DuplicateGroups, kmeans, near_duplicate_groups, nearest, prototype_scores, thumbnails
 from stages.pixels import PixelChunks
 from stages.score import ScoreOutcome, ScoreStage, score_images
 
@@ -75,6 +75,24 @@ def test_near_duplicates_survive_reencoding_and_brightness(tmp_path: Path) -> No
     assert groups[0] == 0 and groups[1] == 1 and groups[2] == 2  # the first member names the group
     distinct = groups[:n] != np.arange(n)
     assert distinct.sum() <= 2, f"distinct renders grouped: {np.flatnonzero(distinct)}"
+
+
+def test_torch_kmeans_finds_what_scikit_learn_finds() -> None:
+    """The batched torch k-means (it runs on a GPU with score.use_gpu) reaches scikit-learn's inertia on
+    blobs, and repeats with its seed."""
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(1)
+    points = np.concatenate([c + rng.normal(0, 1.0, size=(200, 16)) for c in rng.normal(0, 6, size=(8, 16))])
+    x = torch.from_numpy(points)
+    ours = kmeans(x, 8, seed=0)
+    inertia = float(nearest(x, ours)[0].sum())
+    theirs = KMeans(n_clusters=8, n_init=4, random_state=0).fit(points).inertia_
+    assert inertia <= theirs * 1.01
+    assert torch.equal(kmeans(x, 8, seed=0), ours)
+    d2, index = nearest(x, ours, block=100)  # blocks give the same answer as one pass
+    d2_all, index_all = nearest(x, ours)
+    torch.testing.assert_close(d2, d2_all) and torch.testing.assert_close(index, index_all)
 
 
 def test_label_free_prototype_scores_flag_foreign_images(ray_cluster: None, tmp_path: Path) -> None:
