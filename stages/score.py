@@ -484,12 +484,16 @@ class CacheSplit:
 
 
 def split_by_cache(cache: ScoreCache | None, sha256: pd.Series, labels: np.ndarray) -> CacheSplit:
-    """Match rows on (sha256, label): the same bytes under two labels are two examples."""
+    """Match rows on (sha256, label): the same bytes under two labels are two examples. Vectorised (a
+    merge on Arrow-backed strings), as the cache holds millions of rows at scale."""
     hits = cache.lookup(sha256, labels) if cache else pd.DataFrame()
     if not len(hits):
         return CacheSplit(hits, np.zeros(len(labels), dtype=bool))
-    pairs = set(zip(hits["sha256"], hits["label"].astype(np.int64), strict=True))
-    hit_mask = np.asarray([(s, int(y)) in pairs for s, y in zip(sha256, labels, strict=True)], dtype=bool)
+    keys = pd.DataFrame(
+        {"sha256": pd.Series(np.asarray(sha256), dtype="str"), "label": np.asarray(labels, np.int64)}
+    )
+    found = hits[["sha256", "label"]].drop_duplicates().assign(hit=True)
+    hit_mask = keys.merge(found, on=["sha256", "label"], how="left")["hit"].notna().to_numpy()  # keeps order
     return CacheSplit(hits, hit_mask)
 
 
