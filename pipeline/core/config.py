@@ -105,11 +105,11 @@ class ScoreConfig(_Section):
     # task and scoring task or actor taking gpus_per_model of one (0.25: four small proxies share a GPU).
     use_gpu: bool = False
     gpus_per_model: float = Field(1.0, gt=0.0, le=1.0)
-    # The decoded pixels live in the object store as chunks of chunk_rows images in path order (never one
-    # array); a proxy reads window_chunks chunks at a time, visiting windows in random order and shuffling
-    # rows within each, so its memory is a window's, whatever the number of images.
+    # The decoded pixels live in the object store as chunks of chunk_rows images, rows dealt into chunks by
+    # a fixed permutation (never one array); a proxy reads window_chunks chunks at a time, visiting windows
+    # in random order and shuffling rows within each, so its memory is a window's, whatever the images.
     chunk_rows: int = Field(512, gt=0)
-    window_chunks: int = Field(16, ge=1)
+    window_chunks: int = Field(8, ge=1)
 
 
 class PruneConfig(_Section):

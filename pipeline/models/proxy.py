@@ -94,8 +94,8 @@ def build_proxy(name: str, num_classes: int, image_size: int | None = None) -> P
 
 def to_input(images: np.ndarray) -> torch.Tensor:
     """(N, S, S, 3) uint8 → (N, 3, S, S) float32 roughly centred: (x/255 − 0.5) / 0.25."""
-    x = torch.from_numpy(np.asarray(images).astype(np.float32)).permute(0, 3, 1, 2)  # a writable copy
-    return (x / 255.0 - 0.5) / 0.25
+    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float()  # the one copy, then in place
+    return x.div_(255.0).sub_(0.5).div_(0.25)
 
 
 def random_shift(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -215,12 +215,11 @@ def train_proxy(images: RowWindows, labels: np.ndarray, spec: ProxySpec, seed: i
     for _ in range(spec.epochs):
         total, count = torch.zeros((), device=device), 0
         for rows, pixels in images.windows(gen):
-            x_window = to_input(pixels)
             for start in range(0, len(rows), spec.batch_size):
                 idx = torch.from_numpy(rows[start : start + spec.batch_size])
                 if len(idx) < 2:  # BatchNorm needs two samples
                     continue
-                x = x_window[start : start + spec.batch_size]
+                x = to_input(pixels[start : start + spec.batch_size])  # floats for one batch only
                 if spec.augment:
                     x = random_shift(x, gen)
                 if spec.task == "rotation":
@@ -269,9 +268,8 @@ def recompute_batchnorm(model: nn.Module, images: RowWindows, spec: ProxySpec) -
     model.train()
     device = torch.device(spec.device)
     for _, pixels in images.windows(None):
-        x_window = to_input(pixels)
-        for start in range(0, len(x_window), spec.batch_size):
-            chunk = x_window[start : start + spec.batch_size]
+        for start in range(0, len(pixels), spec.batch_size):
+            chunk = to_input(pixels[start : start + spec.batch_size])
             if len(chunk) > 1:  # a 1×1 feature map of one image has no variance (BatchNorm raises)
                 with spec.autocast():
                     model(chunk.to(device, non_blocking=True))

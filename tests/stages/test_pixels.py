@@ -65,9 +65,14 @@ def test_take_and_iter_rows(ray_cluster: None) -> None:
     rows = np.asarray([29, 0, 8, 7, 13, 6])
     assert np.array_equal(pixels.take(rows), images[rows])
     seen = list(pixels.iter_rows(rows))
-    assert [r.tolist() for r, _ in seen] == [[0, 6], [8, 7, 13], [29]]  # chunk by chunk, order kept within
+    assert sorted(np.concatenate([r for r, _ in seen]).tolist()) == sorted(rows.tolist())
     for r, got in seen:
         assert np.array_equal(got, images[r])
+        chunks, _ = pixels.locate(r)
+        assert len(set(chunks.tolist())) == 1  # one chunk per piece
+        assert r.tolist() == [x for x in rows.tolist() if x in set(r.tolist())]  # the given order kept
+    by_chunk = pixels.by_chunk(rows)
+    assert np.all(np.diff(pixels.locate(by_chunk)[0]) >= 0)
 
 
 def test_windows_cover_every_row_once_and_repeat_with_the_seed(ray_cluster: None) -> None:
@@ -85,7 +90,7 @@ def test_windows_cover_every_row_once_and_repeat_with_the_seed(ray_cluster: None
         return out
 
     ordered = one_pass(None)
-    assert np.concatenate(ordered).tolist() == list(range(40))
+    assert sorted(np.concatenate(ordered).tolist()) == list(range(40))
     first, again, other = one_pass(0), one_pass(0), one_pass(1)
     assert sorted(np.concatenate(first).tolist()) == list(range(40))
     assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
@@ -96,3 +101,12 @@ def test_gpu_scoring_on_a_cluster_without_gpus_fails_clearly(ray_cluster: None) 
     assert gpus_per_model(ScoreConfig()) == 0.0  # CPU: the scorers and proxy tasks ask for no GPU
     with pytest.raises(UserInputError, match=r"score\.use_gpu=false"):
         gpus_per_model(ScoreConfig(use_gpu=True, gpus_per_model=0.25))
+
+
+def test_chunks_mix_the_classes(ray_cluster: None) -> None:
+    """Rows sorted by path are sorted by class folder; dealt into chunks by the fixed permutation, every
+    chunk holds most classes, so a proxy shuffling a window of a few chunks still sees every class."""
+    labels = np.repeat(np.arange(10), 50)  # 10 class folders of 50, in path order
+    pixels = PixelChunks.from_array(_images(500, seed=4), chunk_rows=50)
+    for c in range(pixels.chunk_count):
+        assert len(set(labels[pixels.chunk_rows(c)].tolist())) >= 7
