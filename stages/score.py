@@ -234,9 +234,9 @@ def score_rows(
     # CPUs (a repartition here deadlocked once an actor pool held every CPU), and each block is one call
     # (`batch_size=None`), not a batch spliced from two blocks.
     rows = np.asarray(rows, dtype=np.int64)
-    by_chunk = pixels.by_chunk(rows)  # a block's rows then come from few chunks
+    by_source = pixels.by_source(rows)  # a block's rows then come from few stored batches
     step = rows_per_block(config, len(rows))
-    ds = ray.data.from_numpy([by_chunk[i : i + step] for i in range(0, len(rows), step)])
+    ds = ray.data.from_numpy([by_source[i : i + step] for i in range(0, len(rows), step)])
     ds = ds.rename_columns({"data": "row"})
     # On a small cluster Ray Data's per-operator reservation held the scoring tasks to one at a time for the
     # first second (2 CPUs, measured); `runtime.configure_data_context`'s size profile turns it off there.

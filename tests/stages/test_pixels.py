@@ -44,9 +44,9 @@ def test_chunks_follow_path_order_whatever_the_arrival(ray_cluster: None) -> Non
     a = _stored(images, paths, shuffled, chunk_rows=16)
     b = _stored(images, paths, in_order, chunk_rows=16)
     assert a["pixels"].starts.tolist() == [0, 16, 32, 48, 50] and len(a["pixels"]) == 50
+    assert np.array_equal(a["pixels"].take(np.arange(50)), images)  # row i is path i, however it arrived
     for c in range(a["pixels"].chunk_count):
-        assert np.array_equal(a["pixels"].chunk(c), b["pixels"].chunk(c))
-        assert np.array_equal(a["pixels"].chunk(c), images[a["pixels"].chunk_rows(c)])
+        assert np.array_equal(a["pixels"].chunk_rows(c), b["pixels"].chunk_rows(c))  # the same layout
     np.testing.assert_allclose(a["thumbnail"], thumbnails(images), rtol=1e-6)
     assert a["path"].tolist() == sorted(paths)  # the rows pass through
 
@@ -68,11 +68,11 @@ def test_take_and_iter_rows(ray_cluster: None) -> None:
     assert sorted(np.concatenate([r for r, _ in seen]).tolist()) == sorted(rows.tolist())
     for r, got in seen:
         assert np.array_equal(got, images[r])
-        chunks, _ = pixels.locate(r)
-        assert len(set(chunks.tolist())) == 1  # one chunk per piece
+        assert len(set(pixels.source_of(r).tolist())) == 1  # one stored batch per piece
         assert r.tolist() == [x for x in rows.tolist() if x in set(r.tolist())]  # the given order kept
-    by_chunk = pixels.by_chunk(rows)
-    assert np.all(np.diff(pixels.locate(by_chunk)[0]) >= 0)
+    by_source = pixels.by_source(rows)
+    assert sorted(by_source.tolist()) == sorted(rows.tolist())
+    assert np.all(np.diff(pixels.source_of(by_source)) >= 0)
 
 
 def test_windows_cover_every_row_once_and_repeat_with_the_seed(ray_cluster: None) -> None:
