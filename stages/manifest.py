@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import os
-import uuid
 from typing import Any
 
 import pandas as pd
@@ -24,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import __version__
-from pipeline.core.storage import atomic_write_bytes, is_local, url_to_fs
+from pipeline.core.storage import atomic_local_file, atomic_write_bytes, is_local, url_to_fs
 from stages.base import ALL_TO_ALL, Batch, Stage
 
 MANIFEST_SCHEMA = pa.schema(
@@ -120,18 +118,8 @@ def write_parquet(
         _write_rows(buffer, table, order, compression)
         atomic_write_bytes(url, buffer.getvalue(), storage_options)
         return
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            _write_rows(f, table, order, compression)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_local_file(path) as f:
+        _write_rows(f, table, order, compression)
 
 
 def write_manifest(

@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow.fs as pafs
@@ -114,21 +114,29 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | 
     one PUT of the whole body, which S3 and GCS make visible atomically.
     """
     fs, path = url_to_fs(url, storage_options)
-    parent = posixpath.dirname(path)
     if is_local(fs):
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_local_file(path) as f:
+            f.write(data)
     else:
         fs.pipe_file(path, data)
+
+
+@contextlib.contextmanager
+def atomic_local_file(path: str) -> Iterator[BinaryIO]:
+    """A file to write for the local `path`, which it replaces only when the `with` body ends without an
+    error: a temporary sibling, fsynced, then `os.replace` (atomic on POSIX); on an error it is removed."""
+    parent = posixpath.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager
