@@ -38,7 +38,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 NOT_BENCHMARKS = {"__init__", "common", "run_all"}
 # the table's rows, in order
-ORDER = ("ingest", "score_throughput", "mae_step", "scaling", "memory", "shards", "gpu_pretrain")
+ORDER = (
+    "ingest",
+    "score_throughput",
+    "mae_step",
+    "scaling",
+    "memory",
+    "shards",
+    "gpu_pretrain",
+    "prune_scale",
+    "proxy_throughput",
+    "score_memory",
+)
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
 

@@ -11,6 +11,16 @@ Data's scheduling on the driver) keep it below that.
 Two simulated nodes: `ray.cluster_utils.Cluster` starts a head and a second node (a raylet each, 1 CPU
 each) on this machine; the read + decode stages run with a tag stage fused behind them that records the node
 and worker process of each task, so the rows count real tasks and images per node.
+
+On the same cluster, scoring's two parallel parts (issue 24): `stages.score.train_proxies` trains K = 2
+`cnn-small` proxies for one epoch over `N` 32 px images put in the object store as chunks
+(`PixelChunks.from_array`, from the driver on the head node), then `stages.score.score_rows` scores every
+row with them (Ray Data tasks, `score.compute=tasks`). Both run unchanged, with their own resources; neither
+reports where its tasks ran, so for this run only (a patch of the module's names in this process, not of its
+source) `train_proxies` remotes `proxy_on_node` (which calls `train_proxy` and adds the node id to its
+result) and `score_rows` maps `ScoreModelsOnNode` (`ScoreModels` plus two output columns: the node id and an
+id per call, i.e. per task, since a block is one call). The rows count proxy tasks, scoring tasks and
+scored images per node. Target: every node ran at least one of each.
 """
 
 from __future__ import annotations
@@ -23,19 +33,41 @@ if __package__ in (None, ""):  # `python benchmarks/scaling.py`: make the reposi
 
 import logging
 import os
+import random
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import numpy as np
 from ray.data import ExecutionResources
 
+import stages.score
 from benchmarks.common import Row, local_ray, main, ratio, repeat, tiny, with_start_retries
 from benchmarks.ingest import OUTPUT_PX, write_images
-from pipeline.core.config import Config, load_config
+from pipeline.core.config import Config, ScoreConfig, load_config
 from pipeline.curate import curate
+from pipeline.models.proxy import ProxyResult, ProxySpec, RowWindows, train_proxy
+from stages.base import Batch
+from stages.pixels import PixelChunks
+from stages.score import ScoreModels
 
 log = logging.getLogger(__name__)
+
+# Read by run_all.py: the two-node cluster ran read + decode, proxy training and scoring on both nodes.
+TARGETS = {
+    "scaling_cluster_head_node_tasks": (">=", 1.0),
+    "scaling_cluster_worker_node_tasks": (">=", 1.0),
+    "scaling_proxy_head_node_tasks": (">=", 1.0),
+    "scaling_proxy_worker_node_tasks": (">=", 1.0),
+    "scaling_score_head_node_tasks": (">=", 1.0),
+    "scaling_score_worker_node_tasks": (">=", 1.0),
+}
+
+PROXIES = 2  # K: one proxy-training task per node when both run at once on 1 CPU each
+SCORE_PX = 32
+SCORE_CLASSES = 10
 
 
 def workload(quick: bool) -> tuple[int, int]:
@@ -90,8 +122,84 @@ class TagNode:
         return batch
 
 
-def cluster_spread(config: Config) -> list[Row]:
-    """Run read + decode on a two-node `Cluster` (1 CPU each); rows: tasks and images per node."""
+@dataclass
+class ProxyResultOnNode(ProxyResult):
+    """A proxy's training result and the node whose task trained it."""
+
+    node: str = ""
+
+
+def proxy_on_node(images: RowWindows, labels: np.ndarray, spec: ProxySpec, seed: int) -> ProxyResultOnNode:
+    """`train_proxy`, run where `train_proxies` schedules it, plus that node's id."""
+    import ray
+
+    result = train_proxy(images, labels, spec, seed)
+    return ProxyResultOnNode(**vars(result), node=ray.get_runtime_context().get_node_id())
+
+
+class ScoreModelsOnNode(ScoreModels):
+    """`ScoreModels` plus, per row, the node that scored it (`node`) and an id of the call (`call`): with
+    `score_rows`' one call per block, one per task."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.outputs = (*self.outputs, "node", "call")
+
+    def process(self, batch: Batch) -> Batch:
+        import ray
+
+        out = super().process(batch)
+        n = len(out["row"])
+        out["node"] = np.asarray([ray.get_runtime_context().get_node_id()] * n, dtype=object)
+        out["call"] = np.full(n, random.getrandbits(62), dtype=np.int64)
+        return out
+
+
+@dataclass
+class ScoringSpread:
+    """Per node id: proxy-training tasks, scoring tasks and rows scored."""
+
+    proxy_tasks: Counter[str]
+    score_tasks: Counter[str]
+    score_images: Counter[str]
+
+
+def scoring_spread(count: int) -> ScoringSpread:
+    """Train K proxies and score `count` random 32 px images with them on the connected cluster, with
+    `stages.score`'s own `train_proxies` and `score_rows`, recording where each task ran."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(count, SCORE_PX, SCORE_PX, 3), dtype=np.uint8)
+    labels = rng.integers(0, SCORE_CLASSES, size=count).astype(np.int64)
+    # tiny inputs still make several scoring tasks; full size keeps the defaults (512-row blocks)
+    config = ScoreConfig(
+        num_models=PROXIES, epochs=1, cpus_per_model=1.0, **({"score_batch_size": 8} if tiny() else {})
+    )
+    spec = ProxySpec.from_config(config, SCORE_CLASSES, image_size=SCORE_PX)
+    pixels = PixelChunks.from_array(images, config.chunk_rows)
+    with (
+        mock.patch.object(stages.score, "train_proxy", proxy_on_node),
+        mock.patch.object(stages.score, "ScoreModels", ScoreModelsOnNode),
+    ):
+        results = stages.score.train_proxies(pixels, labels, spec, list(range(PROXIES)), config)
+        columns = stages.score.score_rows(
+            np.arange(count), pixels, labels, [r.state for r in results], spec, config
+        )
+    assert np.isfinite(columns["el2n"]).all(), "scoring on the cluster gave non-finite EL2N"
+    # by attribute: under `python -m` this module is __main__, and its classes travel by value
+    proxy_tasks = Counter(str(getattr(r, "node", "")) for r in results)
+    proxy_tasks.pop("", None)
+    assert sum(proxy_tasks.values()) == PROXIES, "train_proxies did not run the patched task"
+    calls = {(str(n), int(c)) for n, c in zip(columns["node"], columns["call"], strict=True)}
+    return ScoringSpread(
+        proxy_tasks=proxy_tasks,
+        score_tasks=Counter(n for n, _ in calls),
+        score_images=Counter(str(n) for n in columns["node"]),
+    )
+
+
+def cluster_spread(config: Config, count: int) -> list[Row]:
+    """Run read + decode, then proxy training and scoring over `count` images, on a two-node `Cluster`
+    (1 CPU each); rows: tasks and images per node."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -127,6 +235,7 @@ def cluster_spread(config: Config) -> list[Row]:
             tasks[node] += 1
             images[node] += len(batch["node"])
             workers.setdefault(node, set()).update(int(p) for p in batch["pid"])
+        spread = scoring_spread(count)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     finally:
         ray.shutdown()
@@ -139,6 +248,11 @@ def cluster_spread(config: Config) -> list[Row]:
         rows.append((f"scaling_cluster_{label}_node_images", float(images[node])))
         rows.append((f"scaling_cluster_{label}_node_worker_processes", float(len(workers.get(node, ())))))
     rows.append(("scaling_cluster_nodes_used", float(sum(1 for n in nodes if images[n] > 0))))
+    for label, node in (("head", head), ("worker", other[0])):
+        rows.append((f"scaling_proxy_{label}_node_tasks", float(spread.proxy_tasks[node])))
+    for label, node in (("head", head), ("worker", other[0])):
+        rows.append((f"scaling_score_{label}_node_tasks", float(spread.score_tasks[node])))
+        rows.append((f"scaling_score_{label}_node_images", float(spread.score_images[node])))
     return rows
 
 
@@ -156,7 +270,7 @@ def run(quick: bool = False) -> list[Row]:
             ("scaling_curate_2cpu_images_per_s", two),
             ("scaling_curate_ratio_2cpu_vs_1cpu", ratio(two, one)),
         ]
-        rows += cluster_spread(config)
+        rows += cluster_spread(config, count)
     rows.append(("scaling_images", float(count)))
     return rows
 

@@ -13,7 +13,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +20,7 @@ import torch
 from benchmarks import gpu_pretrain
 from benchmarks.common import TINY_ENV, parse_rows
 from benchmarks.run_all import module_targets
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.runner import ROOT, run_all
 
 # Every row the CPU path prints (the GPU adds `_mfu` against the data-sheet peak, the spec peak itself and
 # peak memory).
@@ -129,15 +127,7 @@ def test_steady_rate_weights_lines_by_their_time() -> None:
 @pytest.mark.slow  # bare steps of two tiny MAEs, a DataLoader, two Ray starts, curate and two pretrain runs
 def test_cpu_override_runs_every_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {**_without_override(monkeypatch), TINY_ENV: "1", gpu_pretrain.FORCE_CPU_ENV: "1"}
-    done = subprocess.run(
-        [sys.executable, "benchmarks/run_all.py", "--quick", "--only", "gpu_pretrain"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, f"run_all failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    done = run_all("--only", "gpu_pretrain", env=env)
     rows = dict(parse_rows(done.stdout))
     missing = [r for r in CPU_ROWS if r not in rows]
     assert not missing, f"rows missing: {missing}\n{done.stdout}"
