@@ -9,8 +9,9 @@ every row is read (`stages.formats.finish_labels`): the row stages are built aga
 needs a column no earlier stage makes fails there, not in the middle of the run). Read and decode are map
 stages that stream through Ray Data in parallel; the driver then gathers the decodable rows' metadata and
 runs the all-to-all stages over all of them at once. When a score is asked for, the decoded pixels the
-proxies train on never gather there: each batch goes to the object store as it streams past and is re-cut
-into chunks in path order (`stages.pixels.PixelStore`); the driver holds their references and thumbnails.
+proxies train on never gather there: each batch goes to the object store as it streams past, once, and is
+read through a chunk layout over the rows (`stages.pixels.PixelStore`); the driver holds their references
+and thumbnails.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Decoded:
 
     @property
     def images(self) -> PixelChunks | None:
-        """The decoded images in `frame` order, in chunks in the object store, when kept."""
+        """The decoded images in `frame` order, in the object store, when kept."""
         return self.pixels.get("pixels")
 
     def batch(self) -> Batch:
@@ -119,8 +120,8 @@ class Ingest:
         store = PixelStore(config.decode.image_size, config.score.chunk_rows) if keep_images else None
         if isinstance(source, ContainerListing):
             reader = container_reader(source, config.data)
-            return cls(ChainStages(reader, decode), GatherDecoded(False), UNIT_COLUMNS, store)
-        return cls(ChainStages(ReadBytes.for_data(config.data), decode), GatherDecoded(False), store=store)
+            return cls(ChainStages(reader, decode), GatherDecoded(), UNIT_COLUMNS, store)
+        return cls(ChainStages(ReadBytes.for_data(config.data), decode), GatherDecoded(), store=store)
 
     def stages(self) -> list[Stage]:
         return [self.read_decode, self.gather, *([self.store] if self.store else [])]  # store: fed on the way
@@ -169,8 +170,7 @@ def curation_stages(
     columns before anything runs."""
     scoring = config.score.method != "none"
     score = ScoreStage(config, classes, progress) if scoring else None
-    gpus = config.score.gpus_per_model if config.score.use_gpu else 0.0  # the duplicate search's device
-    duplicates = DuplicateGroups(config.score.duplicate_threshold, Device(gpus))
+    duplicates = DuplicateGroups(config.score.duplicate_threshold, Device(config.score.gpu_share))
     rows: list[Stage] = [score, duplicates] if score else [Unscored()]
     rows.append(PruneStage(prune_config(config)))
     manifest = ManifestStage(manifest_url, metadata, config.data.storage_options)
@@ -224,7 +224,7 @@ def decode_with(listing: Source, config: Config, ingest: Ingest, progress: Progr
     classes = listing.classes
     if isinstance(listing, ContainerListing):
         frame, classes = finish_labels(frame, config.data)
-    pixels = ingest.store.finish(frame["path"].tolist()) if ingest.store else {}  # chunks in frame order
+    pixels = ingest.store.finish(frame["path"].tolist()) if ingest.store else {}  # rows in frame order
     return Decoded(frame, ingest.gather.quarantine(every), classes, pixels)
 
 

@@ -254,8 +254,8 @@ QUARANTINE_COLUMNS = ("path", "sha256", "reason", "error")
 
 
 class GatherDecoded(Stage):
-    """All-to-all: every decoded row at once → the decodable ones (`GOOD_COLUMNS`, and `image` when
-    `keep_images`), sorted by path; `quarantine` gives the others.
+    """All-to-all: every decoded row's metadata at once → the decodable rows (`GOOD_COLUMNS`), sorted by
+    path; `quarantine` gives the others. The pixels never come here (`stages.pixels.PixelStore` keeps them).
 
     Global because of the sort: Ray Data hands blocks back in no fixed order, and proxy training, hence every
     score, depends on the order of its rows.
@@ -264,12 +264,8 @@ class GatherDecoded(Stage):
     name = "gather-decoded"
     kind = ALL_TO_ALL
     passthrough = False
-
-    def __init__(self, keep_images: bool) -> None:
-        self.keep_images = keep_images
-        pixels = ("image",) if keep_images else ()
-        self.inputs = (*GOOD_COLUMNS, "ok", "reason", "error", *pixels)
-        self.outputs = (*GOOD_COLUMNS, *pixels)
+    inputs = (*GOOD_COLUMNS, "ok", "reason", "error")
+    outputs = GOOD_COLUMNS
 
     def process(self, batch: Batch) -> Batch:
         good = np.flatnonzero(np.asarray(batch["ok"], dtype=bool))

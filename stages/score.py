@@ -2,7 +2,7 @@
 
 The method is "Deep Learning on a Data Diet" (Paul, Ganguli, Dziugaite, 2021). K small classifiers
 (`pipeline.models.proxy`, different seeds) train for a few epochs on the decoded images — one Ray task each,
-streaming the pixels chunk by chunk from the object store (`stages.pixels`: no process ever holds them all)
+streaming the pixels window by window from the object store (`stages.pixels`: no process holds them all)
 — then every example is scored by the map stage `ScoreModels`, run by Ray Data tasks on the same, already
 warm workers (or, with `score.compute=actors`, an actor pool that loads the K models once per actor). With
 `score.use_gpu` the proxy tasks and the scorers each take `score.gpus_per_model` of a GPU and run in bf16.
@@ -100,8 +100,8 @@ class ScoreModels(Stage):
 
     Input column: `row` (int64 indices into the pixels and labels the stage holds). Output columns: `row`;
     `el2n`, `el2n_std`, `grand` when it has labels; `embedding` (N, K·D), the L2-normalised features of each
-    proxy concatenated, when `embed`. The pixels are chunks in the object store, fetched per call for the
-    rows it scores; the labels and weights arrive as object-store references, read once per task or actor
+    proxy concatenated, when `embed`. The pixels stay in the object store; each call reads the stored batches
+    holding the rows it scores; the labels and weights arrive as object-store references, read once per task or actor
     (`setup`). Each call scores `batch_size` rows at a time (all at once when None), on `spec.device`.
     """
 
@@ -201,14 +201,14 @@ def rows_per_block(config: ScoreConfig, rows: int) -> int:
 def gpus_per_model(config: ScoreConfig) -> float:
     """The GPU share of each proxy task and scorer: `score.gpus_per_model` with `score.use_gpu`, else 0.
     Fails before any work when the cluster has no GPU (Ray would wait for one forever)."""
-    if not config.use_gpu:
+    if not config.gpu_share:
         return 0.0
     if cluster_gpus() <= 0:
         raise UserInputError(
             "score.use_gpu=true, but this Ray cluster has no GPU: "
             "set score.use_gpu=false (or --set score.use_gpu=false) or connect to a cluster with GPUs"
         )
-    return config.gpus_per_model
+    return config.gpu_share
 
 
 def score_rows(
@@ -259,9 +259,15 @@ def score_rows(
         if progress:
             progress("score", done, len(rows))
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    position = {r: i for i, r in enumerate(merged["row"].tolist())}
-    order = np.asarray([position[r] for r in np.asarray(rows).tolist()])
+    order = positions(merged["row"], rows)
     return {k: v[order] for k, v in merged.items()}
+
+
+def positions(seen: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Where each of `wanted` is in `seen` (the same distinct row ids, in another order): `seen[result]`
+    equals `wanted`. Sorted search, not a dict of millions of Python ints."""
+    by_value = np.argsort(seen, kind="stable")
+    return by_value[np.searchsorted(seen, np.asarray(wanted, dtype=np.int64), sorter=by_value)]
 
 
 # ---------------------------------------------------------------------------------------------- proxies
@@ -299,7 +305,7 @@ def train_proxies(
 class ScoringInputs:
     """What every scoring step reads."""
 
-    pixels: PixelChunks  # N images (S, S, 3) uint8, in chunks in the object store
+    pixels: PixelChunks  # N images (S, S, 3) uint8, in the object store
     labels: np.ndarray  # (N,) int64, −1 where unlabeled
     spec: ProxySpec  # the proxies' model, task and training settings
     config: ScoreConfig
@@ -410,12 +416,12 @@ def prototype_columns(
 def encoder_embeddings_of(
     url: str, pixels: PixelChunks, rows: np.ndarray, storage_options: dict[str, Any]
 ) -> np.ndarray:
-    """`stages.embed.encoder_embeddings` of `rows`, read one chunk at a time: (len(rows), D) in rows' order."""
+    """`stages.embed.encoder_embeddings` of `rows`, read one stored batch at a time: (len(rows), D) in rows'
+    order."""
     parts = list(pixels.iter_rows(rows))
     embedding = encoder_embeddings(url, (images for _, images in parts), storage_options)
-    order = np.concatenate([r for r, _ in parts]) if parts else np.zeros(0, dtype=np.int64)
-    position = {r: i for i, r in enumerate(order.tolist())}
-    return embedding[[position[r] for r in np.asarray(rows).tolist()]]
+    seen = np.concatenate([r for r, _ in parts]) if parts else np.zeros(0, dtype=np.int64)
+    return embedding[positions(seen, rows)]
 
 
 @dataclass(frozen=True)
@@ -561,8 +567,8 @@ def score_images(
 ) -> ScoreOutcome:
     """Score every image per `config.score`; reuse cached scores and proxies where the scoring key matches.
 
-    frame: `sha256` and `label` per image, row i ↔ image i of `images` (chunks in the object store, or an
-    (N, S, S, 3) uint8 array, which is put there in chunks). Only cache misses are scored; the new scores (and
+    frame: `sha256` and `label` per image, row i ↔ image i of `images` (`PixelChunks` in the object store, or
+    an (N, S, S, 3) uint8 array, which is put there). Only cache misses are scored; the new scores (and
     the proxies) go back into the cache.
     """
     sc = config.score

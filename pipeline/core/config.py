@@ -111,6 +111,11 @@ class ScoreConfig(_Section):
     chunk_rows: int = Field(512, gt=0)
     window_chunks: int = Field(8, ge=1)
 
+    @property
+    def gpu_share(self) -> float:
+        """The GPU share of each proxy task and scorer: gpus_per_model with use_gpu, else 0."""
+        return self.gpus_per_model if self.use_gpu else 0.0
+
 
 class PruneConfig(_Section):
     policy: Literal["keep-hard", "offset", "keep-easy", "class-balanced", "stratified", "random", "none"] = (

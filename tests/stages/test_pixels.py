@@ -1,4 +1,4 @@
-"""stages/pixels.py: decoded pixels as chunks in the object store, cut in path order whatever the order in
+"""stages/pixels.py: decoded pixels in the object store, laid out in path order whatever the order in
 which the decoded batches arrived; the windows a proxy streams cover every row once."""
 
 from __future__ import annotations
