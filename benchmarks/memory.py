@@ -107,30 +107,34 @@ def curate_peak(images: str, output: str, options: tuple[str, ...] = ("--score",
     return {"pss": tree.peak_pss, "rss": tree.peak_rss, "driver": driver.peak, "seconds": seconds}
 
 
-def run(quick: bool = False) -> list[Row]:
-    small, large = workload(quick)
+def growth_rows(
+    prefix: str, counts: tuple[int, int], size: int = 32, options: tuple[str, ...] = ("--score", "none")
+) -> list[Row]:
+    """`curate_peak` over a small and a large folder of `size`² px digits (`counts`), each size's rows and
+    the large / small growth, named `<prefix>_...`."""
     rows: list[Row] = []
     peaks: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="maskdiet-bench-memory-") as tmp:
-        for name, count in (("small", small), ("large", large)):
+    with tempfile.TemporaryDirectory(prefix=f"maskdiet-bench-{prefix}-") as tmp:
+        for name, count in zip(("small", "large"), counts, strict=True):
             images = os.path.join(tmp, f"images-{name}")
-            write_digits(images, count)
-            peaks[name] = curate_peak(images, os.path.join(tmp, f"out-{name}"))
+            write_digits(images, count, size=size)
+            peaks[name] = curate_peak(images, os.path.join(tmp, f"out-{name}"), options)
             rows += [
-                (f"memory_curate_{name}_images", float(count)),
-                (f"memory_curate_{name}_peak_pss_mb", peaks[name]["pss"] / MB),
-                (f"memory_curate_{name}_peak_rss_mb", peaks[name]["rss"] / MB),
-                (f"memory_curate_{name}_driver_peak_rss_mb", peaks[name]["driver"] / MB),
-                (f"memory_curate_{name}_seconds", peaks[name]["seconds"]),
+                (f"{prefix}_{name}_images", float(count)),
+                (f"{prefix}_{name}_peak_pss_mb", peaks[name]["pss"] / MB),
+                (f"{prefix}_{name}_peak_rss_mb", peaks[name]["rss"] / MB),
+                (f"{prefix}_{name}_driver_peak_rss_mb", peaks[name]["driver"] / MB),
+                (f"{prefix}_{name}_seconds", peaks[name]["seconds"]),
             ]
     rows += [
-        ("memory_curate_pss_growth_large_vs_small", ratio(peaks["large"]["pss"], peaks["small"]["pss"])),
-        (
-            "memory_curate_driver_growth_large_vs_small",
-            ratio(peaks["large"]["driver"], peaks["small"]["driver"]),
-        ),
+        (f"{prefix}_pss_growth_large_vs_small", ratio(peaks["large"]["pss"], peaks["small"]["pss"])),
+        (f"{prefix}_driver_growth_large_vs_small", ratio(peaks["large"]["driver"], peaks["small"]["driver"])),
     ]
     return rows
+
+
+def run(quick: bool = False) -> list[Row]:
+    return growth_rows("memory_curate", workload(quick))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,8 @@ if __package__ in (None, ""):  # `python benchmarks/score_memory.py`: make the r
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import os
-import tempfile
-
-from benchmarks.common import Row, main, ratio, tiny
-from benchmarks.memory import MB, curate_peak, write_digits
+from benchmarks.common import Row, main, tiny
+from benchmarks.memory import MB, growth_rows
 
 TARGETS = {
     "score_memory_pss_growth_large_vs_small": ("<", 1.3),
@@ -56,29 +53,7 @@ def workload(quick: bool) -> tuple[int, int]:
 
 
 def run(quick: bool = False) -> list[Row]:
-    small, large = workload(quick)
-    rows: list[Row] = []
-    peaks: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="maskdiet-bench-score-memory-") as tmp:
-        for name, count in (("small", small), ("large", large)):
-            images = os.path.join(tmp, f"images-{name}")
-            write_digits(images, count, size=SIZE)
-            peaks[name] = curate_peak(images, os.path.join(tmp, f"out-{name}"), SCORE)
-            rows += [
-                (f"score_memory_{name}_images", float(count)),
-                (f"score_memory_{name}_peak_pss_mb", peaks[name]["pss"] / MB),
-                (f"score_memory_{name}_peak_rss_mb", peaks[name]["rss"] / MB),
-                (f"score_memory_{name}_driver_peak_rss_mb", peaks[name]["driver"] / MB),
-                (f"score_memory_{name}_seconds", peaks[name]["seconds"]),
-            ]
-    rows += [
-        ("score_memory_pss_growth_large_vs_small", ratio(peaks["large"]["pss"], peaks["small"]["pss"])),
-        (
-            "score_memory_driver_growth_large_vs_small",
-            ratio(peaks["large"]["driver"], peaks["small"]["driver"]),
-        ),
-    ]
-    return rows
+    return growth_rows("score_memory", workload(quick), SIZE, SCORE)
 
 
 if __name__ == "__main__":
