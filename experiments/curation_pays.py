@@ -13,13 +13,19 @@
    `random` at each keep, `keep-easy` and `stratified` (CCS) at the first keep, `prototype` (keep-hard on
    the prototype distance) at the first keep.
 4. Every arm pretrains the same model for the same steps and batch, once per seed (`pretrain.seed` and the
-   random policy's seed), and is evaluated on the clean `--test` folder (kNN, linear probe, fine-tune),
-   the probes learning from the training folder's true labels, never the flipped ones.
+   random policy's seed), keeping a checkpoint at each quarter of the budget, and is evaluated on the clean
+   `--test` folder (kNN, linear probe, fine-tune), the probes learning from the training folder's true
+   labels, never the flipped ones. The raw-pixel and random-init baselines are measured once, on the same
+   decoded split.
+5. Compute to reach: each arm's checkpoints are probed, and `steps_to_full` is the first checkpoint step
+   whose linear probe reaches the full-data arm's final mean (None: not within the budget).
+6. The supervised Data Diet anchor: the proxy architecture (`score.model`) trained `--anchor-epochs` on each
+   arm's kept images with the labels curation saw, tested on the clean test folder: do the scores keep
+   the examples a classifier learns from?
 
 Writes `DIR/curation_pays.json` ({"arms": [...], "baselines": {"pixels", "random_init"}, "settings"}),
 `DIR/curation_pays.md` (mean ± std per arm) and `DIR/curation_pays.png` (accuracy vs keep, per policy).
-One Ray session serves the whole script. Not done here (see experiments/README.md): the compute to reach the
-full-data arm's accuracy and the supervised Data Diet anchor.
+One Ray session serves the whole script.
 """
 
 from __future__ import annotations
@@ -41,9 +47,12 @@ log = logging.getLogger("curation_pays")
 POLICIES = ("full", "offset", "random", "keep-easy", "stratified", "prototype")
 FIRST_KEEP_ONLY = ("keep-easy", "stratified", "prototype")
 PROTOTYPE_POLICY = "keep-hard"  # label-free prototypes: keep the far-from-prototype (hard) images
-METRICS = ("linear_probe", "finetune", "knn")
+METRICS = ("linear_probe", "finetune", "knn")  # the encoder's protocols (baselines have them too)
+TABLE_METRICS = (*METRICS, "supervised")  # + the supervised anchor (proxy trained on the kept set)
 FULL_STEPS = 1500
 QUICK_STEPS = 300
+CURVE_POINTS = 4  # checkpoints evaluated per arm (each quarter of the budget): the compute-to-reach curve
+ANCHOR_EPOCHS = 15  # supervised anchor: proxy epochs on each kept set (the scores use score.epochs)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"one seed, {QUICK_STEPS} steps")
     p.add_argument(
         "--steps", type=int, default=None, help=f"pretraining steps per arm (default {FULL_STEPS})"
+    )
+    p.add_argument(
+        "--anchor-epochs",
+        type=int,
+        default=ANCHOR_EPOCHS,
+        help=f"epochs of the supervised anchor per arm (default {ANCHOR_EPOCHS}; 0: skip it)",
     )
     p.add_argument("--policies", default=",".join(POLICIES), help=f"arms to run, of {','.join(POLICIES)}")
     p.add_argument("--set", dest="sets", action="append", default=[], help="config override key=value")
@@ -188,49 +203,177 @@ def noisy_kept(pruned: pd.DataFrame, labels: pd.DataFrame) -> int:
     return int(kept.isin(noisy).sum())
 
 
-def run_arm(arm: Arm, seed: int, scored_url: str, labels: pd.DataFrame, args: argparse.Namespace) -> dict:
+@dataclass
+class Evaluation:
+    """What every arm is measured on, decoded once: the training folder's images with their true labels
+    (what the probes, the fine-tune and the anchor learn from; the anchor with the flipped labels) and the
+    clean test folder. `paths` names `split.train_images` row for row."""
+
+    split: Any  # pipeline.evaluate.LabeledSplit
+    paths: list[str]
+    size: Any  # pipeline.models.mae.MAESize
+    config: Any  # the evaluation's Config: true labels, `--test` as the test split
+    device: Any  # torch.device
+
+
+def load_evaluation(args: argparse.Namespace) -> Evaluation:
     from pipeline.core.config import load_config
-    from pipeline.evaluate import evaluate_encoder
+    from pipeline.evaluate import LabeledSplit, labeled_names, load_named, resolve_device
+    from pipeline.models.mae import size_of
+    from stages.stream import decode_flagged
+
+    # data.labels=null: the true labels (folder names or demo truth), never the flipped ones
+    config = load_config(None, overrides(args, **{"data.labels": "null", "evaluate.test_data": args.test}))
+    size = size_of(config)
+    paths, names, _ = labeled_names(args.data, config)
+    images, ok, _ = decode_flagged(paths, config, size.img_size)
+    test_images, test_names, _ = load_named(args.test, config, size.img_size)
+    classes = sorted(set(names) | set(test_names))
+    index = {c: i for i, c in enumerate(classes)}
+    split = LabeledSplit(
+        train_images=images[ok],
+        train_labels=np.asarray([index[n] for n, good in zip(names, ok, strict=True) if good], np.int64),
+        test_images=test_images,
+        test_labels=np.asarray([index[n] for n in test_names], np.int64),
+        classes=classes,
+        labels="true labels",
+        test=args.test,
+    )
+    kept_paths = [p for p, good in zip(paths, ok, strict=True) if good]
+    return Evaluation(split, kept_paths, size, config, resolve_device(config.evaluate.device))
+
+
+def baseline_scores(evaluation: Evaluation) -> dict[str, dict[str, float | None]]:
+    """Raw pixels (kNN, probe) and the architecture at its init (every protocol): once for all arms."""
+    from pipeline.evaluate import encoder_scores, pixel_scores, random_encoder
+
+    split, config, device = evaluation.split, evaluation.config, evaluation.device
+    pixels = pixel_scores(split, config, device)
+    random_init = encoder_scores(random_encoder(evaluation.size, config), split, config, device)
+    return {
+        "pixels": {"linear_probe": pixels["probe"], "finetune": None, "knn": pixels["knn"]},
+        "random_init": {
+            "linear_probe": random_init["probe"],
+            "finetune": random_init["finetune"],
+            "knn": random_init["knn"],
+        },
+    }
+
+
+def checkpoint_curve(run_dir: Path, evaluation: Evaluation) -> list[dict]:
+    """kNN and linear probe of every checkpoint the run kept, by step: how fast an arm's encoder improves
+    (what "compute to reach" reads). Probes only; the fine-tune is for the final encoder."""
+    import torch
+
+    from pipeline.evaluate import encoder_scores
+    from pipeline.models.checkpoint import encoder_from_state
+    from pipeline.models.mae import MaskedAutoencoder
+
+    curve = []
+    for state_file in sorted(run_dir.glob("checkpoints/*/checkpoint_*/state.pt")):
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        model = MaskedAutoencoder(evaluation.size)
+        model.load_state_dict(state["model"])
+        encoder = encoder_from_state(evaluation.size, model.encoder_state_dict())
+        scores = encoder_scores(encoder, evaluation.split, evaluation.config, evaluation.device, False)
+        curve.append({"step": int(state["step"]), "linear_probe": scores["probe"], "knn": scores["knn"]})
+    return sorted(curve, key=lambda point: point["step"])
+
+
+def supervised_anchor(
+    pruned: pd.DataFrame, labels: pd.DataFrame, evaluation: Evaluation, epochs: int, seed: int
+) -> float:
+    """Data Diet's own check that the scores are right: the proxy architecture (`score.model`) trained
+    for `epochs` on the arm's kept images with the labels curation saw (flipped ones included), accuracy
+    on the clean test split."""
+    import torch
+
+    from pipeline.models.proxy import ArrayWindows, ProxySpec, to_input, train_proxy
+
+    split, config = evaluation.split, evaluation.config
+    index = {c: i for i, c in enumerate(split.classes)}
+    label_of = dict(zip(labels["path"], labels["class_name"].map(index), strict=True))
+    kept = set(pruned.loc[pruned["kept"], "path"])
+    rows = np.asarray([i for i, p in enumerate(evaluation.paths) if p in kept], dtype=np.int64)
+    y = np.asarray([label_of[evaluation.paths[i]] for i in rows], dtype=np.int64)
+    score = config.score.model_copy(update={"epochs": epochs})
+    spec = ProxySpec.from_config(score, len(split.classes), image_size=evaluation.size.img_size)
+    trained = train_proxy(ArrayWindows(split.train_images[rows]), y, spec, seed)
+    model = spec.build()
+    model.load_state_dict(trained.state)
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(split.test_images), 512):
+            logits = model(to_input(split.test_images[start : start + 512]))
+            correct += int((logits.argmax(1).numpy() == split.test_labels[start : start + 512]).sum())
+    return correct / len(split.test_labels)
+
+
+def run_arm(
+    arm: Arm,
+    seed: int,
+    scored_url: str,
+    labels: pd.DataFrame,
+    evaluation: Evaluation,
+    args: argparse.Namespace,
+) -> dict:
+    from pipeline.core.config import load_config
+    from pipeline.evaluate import encoder_scores
+    from pipeline.models.checkpoint import encoder_from_state, read_encoder_state
     from pipeline.train import pretrain
     from stages.manifest import MANIFEST_NAME
 
-    out = str(Path(args.output) / "arms" / f"{arm.name}-s{seed}")
-    pruned = prune_arm(arm, seed, scored_url, out, args)
-    config = load_config(None, overrides(args, **{"pretrain.seed": seed}))
+    out = Path(args.output) / "arms" / f"{arm.name}-s{seed}"
+    pruned = prune_arm(arm, seed, scored_url, str(out), args)
+    every = max(1, args.steps // CURVE_POINTS)  # a checkpoint at each quarter of the budget, all kept
+    config = load_config(
+        None,
+        overrides(
+            args,
+            **{
+                "pretrain.seed": seed,
+                "pretrain.checkpoint_every": every,
+                "pretrain.num_to_keep": CURVE_POINTS + 1,
+            },
+        ),
+    )
     start = time.perf_counter()
-    trained = pretrain(config, str(Path(out) / MANIFEST_NAME), out, run_name=f"{arm.name}-s{seed}")
+    trained = pretrain(config, str(out / MANIFEST_NAME), str(out), run_name=f"{arm.name}-s{seed}")
     pretrain_seconds = time.perf_counter() - start
-    # Probes learn from the training folder's true labels (folder names or demo truth), not the flipped ones.
-    ev_config = load_config(None, overrides(args, **{"data.labels": "null", "evaluate.test_data": args.test}))
-    result = evaluate_encoder(str(Path(out) / "encoder.pth"), args.data, ev_config)
+    encoder = encoder_from_state(evaluation.size, read_encoder_state(str(out / "encoder.pth")))
+    final = encoder_scores(encoder, evaluation.split, evaluation.config, evaluation.device)
     record = {
         "arm": arm.name,
         "policy": arm.policy,
         "keep": arm.keep,
         "seed": seed,
-        "linear_probe": result.probe_accuracy,
-        "finetune": result.finetune_accuracy,
-        "knn": result.knn_accuracy,
+        "linear_probe": final["probe"],
+        "finetune": final["finetune"],
+        "knn": final["knn"],
+        "supervised": supervised_anchor(pruned, labels, evaluation, args.anchor_epochs, seed)
+        if args.anchor_epochs
+        else None,
         "noisy_kept": noisy_kept(pruned, labels),
         "kept": int(pruned["kept"].sum()),
         "steps": trained.steps,
         "final_loss": trained.final_loss,
         "pretrain_seconds": round(pretrain_seconds, 1),
-    }
-    baselines = {
-        "pixels": {
-            "linear_probe": result.pixel_probe_accuracy,
-            "finetune": None,
-            "knn": result.pixel_knn_accuracy,
-        },
-        "random_init": {
-            "linear_probe": result.random_probe_accuracy,
-            "finetune": result.random_finetune_accuracy,
-            "knn": result.random_knn_accuracy,
-        },
+        "curve": checkpoint_curve(out, evaluation),
     }
     log.info("%s seed %d: %s", arm.name, seed, {k: record[k] for k in (*METRICS, "noisy_kept", "kept")})
-    return {"record": record, "baselines": baselines, "evaluation": result.as_dict()}
+    return record
+
+
+def steps_to_reach(records: list[dict], metric: str = "linear_probe") -> None:
+    """Fill each record's `steps_to_full`: the first checkpoint step at which its `metric` reaches the
+    full-data arm's final mean (over seeds); None when it never does within the budget or there is no
+    full arm. The compute an arm saves (or costs) against pretraining on everything."""
+    full = [r[metric] for r in records if r["policy"] == "full"]
+    target = float(np.mean(full)) if full else None
+    for record in records:
+        reached = [p["step"] for p in record["curve"] if target is not None and p[metric] >= target]
+        record["steps_to_full"] = min(reached) if reached else None
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -243,7 +386,10 @@ def summary_table(records: list[dict]) -> pd.DataFrame:
         row = {"arm": arm, "policy": policy, "keep": keep, "seeds": len(group)}
         row["kept"] = float(group["kept"].mean())
         row["noisy_kept"] = float(group["noisy_kept"].mean())
-        for metric in METRICS:
+        reached = group["steps_to_full"].dropna() if "steps_to_full" in group else pd.Series(dtype=float)
+        row["steps_to_full"] = float(reached.mean()) if len(reached) else float("nan")
+        row["reached"] = len(reached)
+        for metric in TABLE_METRICS:
             values = pd.to_numeric(group[metric], errors="coerce").dropna()
             row[f"{metric}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{metric}_std"] = float(values.std(ddof=0)) if len(values) else float("nan")
@@ -257,6 +403,12 @@ def _cell(mean: float, std: float | None = None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
+def _steps_cell(steps: float, reached: int, seeds: int) -> str:
+    if not reached:
+        return "not reached"
+    return f"{steps:.0f}" + ("" if reached == seeds else f" ({reached}/{seeds})")
+
+
 def write_markdown(path: Path, table: pd.DataFrame, baselines: dict, settings: dict) -> None:
     lines = [
         "# Curation pays? (experiments/curation_pays.py)",
@@ -265,19 +417,28 @@ def write_markdown(path: Path, table: pd.DataFrame, baselines: dict, settings: d
         f"{settings['steps']} pretraining steps per arm; seeds {settings['seeds']}; "
         f"evaluated on {settings['test']}.",
         "",
-        "| arm | policy | keep | seeds | kept | noisy kept | linear probe | fine-tune | kNN |",
-        "|-----|--------|------|-------|------|------------|--------------|-----------|-----|",
+        "| arm | policy | keep | seeds | kept | noisy kept | linear probe | fine-tune | kNN "
+        "| supervised anchor | steps to full's probe |",
+        "|-----|--------|------|-------|------|------------|--------------|-----------|-----"
+        "|-------------------|-----------------------|",
     ]
     for row in table.itertuples():
         lines.append(
             f"| {row.arm} | {row.policy} | {row.keep:g} | {row.seeds} | {row.kept:.0f} | {row.noisy_kept:.1f} | "
-            + " | ".join(_cell(getattr(row, f"{m}_mean"), getattr(row, f"{m}_std")) for m in METRICS)
-            + " |"
+            + " | ".join(_cell(getattr(row, f"{m}_mean"), getattr(row, f"{m}_std")) for m in TABLE_METRICS)
+            + f" | {_steps_cell(row.steps_to_full, row.reached, row.seeds)} |"
         )
     for name, values in baselines.items():
-        cells = " | ".join(_cell(values.get(m)) for m in METRICS)
-        lines.append(f"| {name} (baseline) | – | – | – | – | – | {cells} |")
-    lines.append("")
+        cells = " | ".join(_cell(values.get(m)) for m in TABLE_METRICS)
+        lines.append(f"| {name} (baseline) | – | – | – | – | – | {cells} | – |")
+    lines += [
+        "",
+        f"Supervised anchor: `{settings['anchor_model']}` trained {settings['anchor_epochs']} epochs on each "
+        "kept set with the labels curation saw, clean test accuracy. Steps to full's probe: the first "
+        f"checkpoint (every {settings['steps'] // CURVE_POINTS} steps) whose linear probe reaches the full-data "
+        "arm's final mean; (k/n): seeds that reached it within the budget.",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -287,9 +448,9 @@ def write_plot(path: Path, table: pd.DataFrame, baselines: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(TABLE_METRICS), figsize=(5 * len(TABLE_METRICS), 4), squeeze=False)
     full = table[table["policy"] == "full"]
-    for ax, metric in zip(axes[0], METRICS, strict=True):
+    for ax, metric in zip(axes[0], TABLE_METRICS, strict=True):
         for policy, group in table[table["policy"] != "full"].groupby("policy", sort=False):
             group = pd.concat([group, full]).sort_values("keep")  # every policy's curve ends at full data
             ax.errorbar(
@@ -337,19 +498,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     arms = plan_arms(args.keeps, args.policy_list)
     records: list[dict] = []
-    baselines: dict = {}
-    evaluations: list[dict] = []
     start = time.perf_counter()
     with ray_session(base.ray):
         scored = {
             method: score_folder(args, labels_url, method) for method in sorted({a.score for a in arms})
         }
+        evaluation = load_evaluation(args)
+        baselines = baseline_scores(evaluation)
+        log.info("baselines: %s", baselines)
         for arm in arms:
             for seed in range(args.seeds):
-                out = run_arm(arm, seed, scored[arm.score], labels, args)
-                records.append(out["record"])
-                evaluations.append({"arm": arm.name, "seed": seed, **out["evaluation"]})
-                baselines = baselines or out["baselines"]  # the same split and init seed for every arm
+                records.append(run_arm(arm, seed, scored[arm.score], labels, evaluation, args))
+    steps_to_reach(records)
     settings = {
         "data": args.data,
         "test": args.test,
@@ -365,9 +525,13 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick,
         "sets": args.sets,
         "prototype_policy": PROTOTYPE_POLICY,
+        "anchor_epochs": args.anchor_epochs,
+        "anchor_model": evaluation.config.score.model,
+        "train_images_evaluated": len(evaluation.paths),
+        "test_images": len(evaluation.split.test_labels),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    result = {"arms": records, "baselines": baselines, "settings": settings, "evaluations": evaluations}
+    result = {"arms": records, "baselines": baselines, "settings": settings}
     (output / "curation_pays.json").write_text(json.dumps(result, indent=2, default=str))
     table = summary_table(records)
     write_markdown(output / "curation_pays.md", table, baselines, settings)

@@ -489,6 +489,56 @@ def evaluate_features(
     return knn, probe
 
 
+def encoder_scores(
+    encoder: MaskedAutoencoder,
+    split: LabeledSplit,
+    config: Config,
+    device: torch.device,
+    finetune: bool = True,
+) -> dict[str, float | None]:
+    """{knn, probe, finetune} of one encoder on `split`, on `device`; finetune is None when
+    `evaluate.finetune_epochs` is 0 or `finetune` is off. The fine-tune trains a copy: `encoder` is kept."""
+    ev = config.evaluate
+    train_y, test_y = torch.from_numpy(split.train_labels), torch.from_numpy(split.test_labels)
+    train_x = extract_features(encoder, split.train_images, ev.pool, ev.batch_size, device)
+    test_x = extract_features(encoder, split.test_images, ev.pool, ev.batch_size, device)
+    knn, probe = evaluate_features(train_x, train_y, test_x, test_y, config, device)
+    scores: dict[str, float | None] = {"knn": knn, "probe": probe, "finetune": None}
+    if finetune and ev.finetune_epochs > 0:
+        began = time.perf_counter()
+        scores["finetune"] = finetune_accuracy(
+            encoder,
+            split.train_images,
+            train_y,
+            split.test_images,
+            test_y,
+            epochs=ev.finetune_epochs,
+            lr=ev.finetune_lr,
+            layer_decay=ev.finetune_layer_decay,
+            batch=ev.finetune_batch_size,
+            pool=ev.pool,
+            seed=ev.seed,
+            device=device,
+        )
+        log.info("evaluate: fine-tune took %.1f s", time.perf_counter() - began)
+    return scores
+
+
+def pixel_scores(split: LabeledSplit, config: Config, device: torch.device) -> dict[str, float]:
+    """{knn, probe} of the raw pixels on `split`: the baseline every encoder has to beat."""
+    train_y, test_y = torch.from_numpy(split.train_labels), torch.from_numpy(split.test_labels)
+    train_x, test_x = pixel_features(split.train_images), pixel_features(split.test_images)
+    knn, probe = evaluate_features(train_x, train_y, test_x, test_y, config, device)
+    return {"knn": knn, "probe": probe}
+
+
+def random_encoder(size: MAESize, config: Config) -> MaskedAutoencoder:
+    """The architecture at its init, drawn on the CPU from `evaluate.seed`: the same baseline on every
+    device and in every run."""
+    torch.manual_seed(config.evaluate.seed)
+    return encoder_from_state(size, None)
+
+
 def evaluate_split(
     state: dict[str, torch.Tensor], size: MAESize, split: LabeledSplit, config: Config
 ) -> EvaluateResult:
@@ -496,53 +546,20 @@ def evaluate_split(
     (kNN, probe) the raw pixels, on `evaluate.device`. Both encoders are built (and the random one drawn)
     on the CPU, so the baseline is the same on every device, then move there with their first batch."""
     start = time.perf_counter()
-    ev = config.evaluate
-    device = resolve_device(ev.device)
+    device = resolve_device(config.evaluate.device)
     log.info("evaluate: on %s", device)
-    train_y = torch.from_numpy(split.train_labels)
-    test_y = torch.from_numpy(split.test_labels)
-    pretrained = encoder_from_state(size, state)
-    torch.manual_seed(ev.seed)
-    random_init = encoder_from_state(size, None)
-    scores: dict[str, float | None] = {}
-    for name, encoder in (("", pretrained), ("random_", random_init)):
-        train_x = extract_features(encoder, split.train_images, ev.pool, ev.batch_size, device)
-        test_x = extract_features(encoder, split.test_images, ev.pool, ev.batch_size, device)
-        scores[f"{name}knn"], scores[f"{name}probe"] = evaluate_features(
-            train_x, train_y, test_x, test_y, config, device
-        )
-    pixels = (pixel_features(split.train_images), pixel_features(split.test_images))
-    scores["pixel_knn"], scores["pixel_probe"] = evaluate_features(
-        pixels[0], train_y, pixels[1], test_y, config, device
-    )
-    for name, encoder in (("", pretrained), ("random_", random_init)):
-        scores[f"{name}finetune"] = None
-        if ev.finetune_epochs > 0:
-            began = time.perf_counter()
-            scores[f"{name}finetune"] = finetune_accuracy(
-                encoder,
-                split.train_images,
-                train_y,
-                split.test_images,
-                test_y,
-                epochs=ev.finetune_epochs,
-                lr=ev.finetune_lr,
-                layer_decay=ev.finetune_layer_decay,
-                batch=ev.finetune_batch_size,
-                pool=ev.pool,
-                seed=ev.seed,
-                device=device,
-            )
-            log.info("evaluate: %sfine-tune took %.1f s", name, time.perf_counter() - began)
+    trained = encoder_scores(encoder_from_state(size, state), split, config, device)
+    random_init = encoder_scores(random_encoder(size, config), split, config, device)
+    pixels = pixel_scores(split, config, device)
     result = EvaluateResult(
-        knn_accuracy=scores["knn"],  # type: ignore[arg-type]
-        probe_accuracy=scores["probe"],  # type: ignore[arg-type]
-        random_knn_accuracy=scores["random_knn"],  # type: ignore[arg-type]
-        random_probe_accuracy=scores["random_probe"],  # type: ignore[arg-type]
-        pixel_knn_accuracy=scores["pixel_knn"],  # type: ignore[arg-type]
-        pixel_probe_accuracy=scores["pixel_probe"],  # type: ignore[arg-type]
-        finetune_accuracy=scores["finetune"],
-        random_finetune_accuracy=scores["random_finetune"],
+        knn_accuracy=trained["knn"],  # type: ignore[arg-type]
+        probe_accuracy=trained["probe"],  # type: ignore[arg-type]
+        random_knn_accuracy=random_init["knn"],  # type: ignore[arg-type]
+        random_probe_accuracy=random_init["probe"],  # type: ignore[arg-type]
+        pixel_knn_accuracy=pixels["knn"],
+        pixel_probe_accuracy=pixels["probe"],
+        finetune_accuracy=trained["finetune"],
+        random_finetune_accuracy=random_init["finetune"],
         num_train=len(split.train_labels),
         num_test=len(split.test_labels),
         num_classes=len(split.classes),

@@ -136,6 +136,24 @@ class RowWindows(Protocol):
         ...
 
 
+class ArrayWindows:
+    """`RowWindows` over images already in memory (a laptop-sized set, an experiment, a test), in windows of
+    `size` rows."""
+
+    def __init__(self, images: np.ndarray, size: int = 4096) -> None:
+        self.images, self.size = images, size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def windows(self, generator: torch.Generator | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        n = len(self.images)
+        order = torch.randperm(n, generator=generator).numpy() if generator is not None else np.arange(n)
+        for start in range(0, n, self.size):
+            rows = order[start : start + self.size]
+            yield rows, self.images[rows]
+
+
 @dataclass(frozen=True)
 class ProxySpec:
     """What a proxy-training task needs from the config (small and picklable)."""

@@ -64,21 +64,31 @@ def test_curation_pays_runs_end_to_end_on_tiny_inputs(tmp_path: Path, ray_cluste
     result = load_script().main(
         [
             *("--data", str(data), "--test", str(test), "--noise", "0.2", "--keep", "0.5", "--seeds", "1"),
-            *("--policies", "offset,random", "--steps", "4", "--output", str(out), *as_sets(settings)),
+            *("--policies", "full,offset", "--steps", "4", "--anchor-epochs", "2", "--output", str(out)),
+            *as_sets(settings),
         ]
     )
 
     written = json.loads((out / "curation_pays.json").read_text())
     assert written["arms"] == json.loads(json.dumps(result["arms"]))
-    assert sorted((a["arm"], a["seed"]) for a in written["arms"]) == [("offset@0.5", 0), ("random@0.5", 0)]
+    assert sorted((a["arm"], a["seed"]) for a in written["arms"]) == [("full", 0), ("offset@0.5", 0)]
     noisy = int(pd.read_parquet(out / "noisy_labels.parquet")["noisy"].sum())
     assert noisy == written["settings"]["noisy"] == 20
     for arm in written["arms"]:
         assert {"arm", "policy", "keep", "seed", "linear_probe", "finetune", "knn", "noisy_kept"} <= set(arm)
-        assert arm["keep"] == 0.5 and 0 < arm["kept"] <= 50  # fewer only if near-duplicates were dropped
+        most = 100 if arm["policy"] == "full" else 50
+        assert 0 < arm["kept"] <= most  # fewer only if near-duplicates were dropped
         assert 0 <= arm["noisy_kept"] <= noisy
-        for metric in ("linear_probe", "finetune", "knn"):
+        for metric in ("linear_probe", "finetune", "knn", "supervised"):
             assert 0.0 <= arm[metric] <= 1.0
+        # a checkpoint at each quarter of the 4 steps, each probed; the last is the final encoder's
+        assert [p["step"] for p in arm["curve"]] == [1, 2, 3, 4]
+        assert arm["curve"][-1]["linear_probe"] == arm["linear_probe"]
+        assert arm["curve"][-1]["knn"] == arm["knn"]
+    full = next(a for a in written["arms"] if a["policy"] == "full")
+    assert full["steps_to_full"] == min(
+        p["step"] for p in full["curve"] if p["linear_probe"] >= full["linear_probe"]
+    )
     assert set(written["baselines"]) == {"pixels", "random_init"}
     for name, values in written["baselines"].items():
         assert set(values) == {"linear_probe", "finetune", "knn"}
@@ -91,6 +101,6 @@ def test_curation_pays_runs_end_to_end_on_tiny_inputs(tmp_path: Path, ray_cluste
     # (measured: offset keeps 8 of 20 at 1 proxy epoch, 12 at 3; random 8-11 over seeds 0-2), so which arm
     # keeps fewer of them says nothing at this size.
     table = (out / "curation_pays.md").read_text()
-    assert "offset@0.5" in table and "random@0.5" in table and "pixels" in table
+    assert "offset@0.5" in table and "full" in table and "pixels" in table and "supervised anchor" in table
     assert (out / "curation_pays.png").stat().st_size > 0
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # the input folder is untouched

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.models.proxy import ProxySpec, build_proxy, train_proxy
+from pipeline.models.proxy import ArrayWindows, ProxySpec, build_proxy, train_proxy
 
 
 def test_resnet_stem_follows_the_image_size() -> None:
@@ -22,22 +22,17 @@ def test_resnet_stem_follows_the_image_size() -> None:
         assert model.features(x).shape == (2, 512) and model(x).shape == (2, 10)
 
 
-class ArrayWindows:
-    """`RowWindows` over an in-memory array, in windows of `size` rows; records the largest one handed out."""
+class RecordingWindows(ArrayWindows):
+    """`ArrayWindows` that records the largest window it handed out."""
 
     def __init__(self, images: np.ndarray, size: int) -> None:
-        self.images, self.size, self.largest = images, size, 0
-
-    def __len__(self) -> int:
-        return len(self.images)
+        super().__init__(images, size)
+        self.largest = 0
 
     def windows(self, generator: torch.Generator | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        n = len(self.images)
-        order = torch.randperm(n, generator=generator).numpy() if generator is not None else np.arange(n)
-        for start in range(0, n, self.size):
-            rows = order[start : start + self.size]
+        for rows, images in super().windows(generator):
             self.largest = max(self.largest, len(rows))
-            yield rows, self.images[rows]
+            yield rows, images
 
 
 def test_a_proxy_learns_from_windows_and_counts_forgetting() -> None:
@@ -48,11 +43,13 @@ def test_a_proxy_learns_from_windows_and_counts_forgetting() -> None:
     images = np.where(labels[:, None, None, None] == 1, 200, 40) + rng.integers(
         -30, 30, size=(128, 16, 16, 3)
     )
-    windows = ArrayWindows(images.clip(0, 255).astype(np.uint8), size=32)
+    windows = RecordingWindows(images.clip(0, 255).astype(np.uint8), size=32)
     spec = ProxySpec("cnn-small", 2, epochs=4, batch_size=16, lr=0.05, weight_decay=0.0, augment=True)
     result = train_proxy(windows, labels, spec, seed=0)
     assert result.losses[-1] < result.losses[0]
     assert result.forgetting.shape == (128,) and (result.forgetting >= 0).all()
     assert windows.largest == 32
-    again = train_proxy(ArrayWindows(windows.images, size=32), labels, spec, seed=0)  # same seed, same run
+    again = train_proxy(
+        RecordingWindows(windows.images, size=32), labels, spec, seed=0
+    )  # same seed, same run
     assert again.losses == result.losses
