@@ -9,9 +9,9 @@ image size, classes...), so the cache is a folder per scoring key:
     <score.cache_url>/<key>/models.pt                 the K proxies' weights (+ k-means prototypes)
     <score.cache_url>/<key>/scores/<ns>.parquet      sha256, label, el2n, el2n_std, grand, forgetting, prototype
 
-A run writes one new shard of rows (atomically, via `pipeline.core.storage.atomic_write_bytes`); a lookup reads
-every shard and matches on sha256 and label (a relabelled image is a miss). Past `MAX_SHARDS` shards the
-cache rewrites itself as one shard. New images are scored by the cached proxies, so old and new scores
+A run writes one new shard of rows (atomically, via `pipeline.core.storage.atomic_write_bytes`); a lookup
+reads every shard, a Parquet row group at a time, and matches on sha256 and label (a relabelled image is a
+miss). Past `MAX_SHARDS` shards the cache rewrites itself as one shard. New images are scored by the cached proxies, so old and new scores
 come from the same models.
 """
 
@@ -23,11 +23,14 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from pipeline.core.config import Config
@@ -38,6 +41,12 @@ log = logging.getLogger(__name__)
 
 CACHE_COLUMNS = ("sha256", "label", "el2n", "el2n_std", "grand", "forgetting", "prototype")
 MAX_SHARDS = 16
+# CACHE_COLUMNS' types in a lookup's result. Shards written by different runs may differ (`string` or
+# `large_string` keys, say), so every row group read is cast to these.
+_SCHEMA = pa.schema(
+    [("sha256", pa.large_string()), ("label", pa.int64())]
+    + [(name, pa.float64()) for name in CACHE_COLUMNS[2:]]
+)
 
 # Score settings that do not change any score value (where and how fast it runs) stay out of the key.
 _NOT_IN_KEY = {
@@ -51,6 +60,12 @@ _NOT_IN_KEY = {
     "gpus_per_model",
     "num_clusters",
 }
+
+
+def _pair_keys(rows: pa.Table) -> pa.ChunkedArray:
+    """One string per row for the pair (sha256, label), `<sha256>/<label>` (a label has no `/`)."""
+    label = pc.cast(rows["label"], pa.large_string())
+    return pc.binary_join_element_wise(rows["sha256"], label, pa.scalar("/", pa.large_string()))
 
 
 def scoring_key(config: Config, classes: list[str], task: str) -> str:
@@ -91,21 +106,46 @@ class ScoreCache:
         return rows.drop_duplicates(["sha256", "label"], keep="last").reset_index(drop=True)
 
     def lookup(self, sha256: pd.Series | np.ndarray, labels: np.ndarray) -> pd.DataFrame:
-        """Cached rows whose (sha256, label) match a query pair.
+        """Cached rows whose (sha256, label) match a query pair: the latest row of each pair, in write order.
 
-        The keys stay pandas' Arrow-backed `str`, never Python objects: at 10M rows objects cost gigabytes
-        and minutes (measured: 26 s and 5 GB peak for a 10M-row merge on `str` keys).
+        Memory stays small at 10M rows: the keys stay Arrow strings (never Python objects), and the cache
+        is read one Parquet row group at a time, newest first, keeping only the rows that match. Each
+        group is matched in two passes: `is_in` on sha256 alone picks the query rows that may match (a
+        hash set of the group's keys, probed by every query row), then an exact match on (sha256, label)
+        over just those rows. A query row found in a newer group is not matched again in older ones, so
+        each pair yields its latest cached row, as `read_all` would.
         """
-        cached = self.read_all()
-        if cached.empty:
-            return cached
-        query = pd.DataFrame(
-            {"sha256": pd.Series(np.asarray(sha256), dtype="str"), "label": np.asarray(labels)}
+        query = pa.table(
+            {
+                "sha256": pc.cast(pa.array(sha256), pa.large_string()),
+                "label": pa.array(np.asarray(labels, dtype=np.int64)),
+            }
         )
-        cached["sha256"] = cached["sha256"].astype("str")
-        cached["label"] = cached["label"].astype(np.int64)
-        query["label"] = query["label"].astype(np.int64)
-        return cached.merge(query.drop_duplicates(), on=["sha256", "label"], how="inner")
+        found = np.zeros(len(query), dtype=bool)  # query row i has its latest cached row in `hits`
+        hits: list[pa.Table] = []  # the matched rows of each group, newest group first
+        for group in self._row_groups_newest_first():
+            if found.all():
+                break
+            same_sha = pc.is_in(query["sha256"], value_set=group["sha256"]).to_numpy(zero_copy_only=False)
+            candidates = np.flatnonzero(same_sha & ~found)
+            # `index_in` finds a key's first occurrence, so the group's keys are searched backwards: a
+            # pair cached twice in the group finds its later row.
+            backwards = pc.index_in(_pair_keys(query.take(candidates)), value_set=_pair_keys(group)[::-1])
+            found[candidates[backwards.is_valid().to_numpy(zero_copy_only=False)]] = True
+            rows = len(group) - 1 - backwards.drop_null().to_numpy()
+            hits.append(group.take(np.unique(rows)))  # unique rows, sorted: the group's write order
+        table = pa.concat_tables(reversed(hits)) if hits else _SCHEMA.empty_table()
+        return table.to_pandas()  # sha256 stays Arrow-backed (`str`), the numbers become numpy columns
+
+    def _row_groups_newest_first(self) -> Iterator[pa.Table]:
+        """The cached rows one Parquet row group at a time (our shards hold up to 1Mi rows per group), as
+        `_SCHEMA`: shards in reverse write order, each one's groups from last to first."""
+        for shard in reversed(self._shards()):
+            with self.fs.open(shard, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                for index in reversed(range(parquet.num_row_groups)):
+                    group = parquet.read_row_group(index, columns=list(CACHE_COLUMNS))
+                    yield group.select(list(CACHE_COLUMNS)).cast(_SCHEMA)
 
     def store(self, rows: pd.DataFrame, models: dict[str, Any] | None = None) -> None:
         """Append `rows` (CACHE_COLUMNS) as one new shard; save `models` when given."""

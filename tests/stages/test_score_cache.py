@@ -15,7 +15,7 @@ from pipeline.cli import app
 from pipeline.core.config import load_config
 from pipeline.curate import curate
 from pipeline.demo_data import DemoSpec, write_demo_data
-from stages import score_cache
+from stages import manifest, score_cache
 from stages.manifest import read_table
 from stages.score_cache import ScoreCache, scoring_key
 
@@ -64,6 +64,42 @@ def test_lookup_matches_sha_and_label_and_compacts(tmp_path: Path, monkeypatch) 
     assert len(cache._shards()) <= 3  # compacted
     everything = cache.read_all().set_index("sha256")
     assert len(everything) == 6 and everything.loc["a", "el2n"] == 0.9
+
+
+def test_lookup_streams_row_groups_and_keeps_the_latest_row(tmp_path: Path, monkeypatch) -> None:
+    """`lookup` reads the cache a row group at a time; it must return what a merge of `read_all` did: the
+    latest row of each matching (sha256, label) pair, once, in write order, whatever the groups."""
+    monkeypatch.setattr(score_cache, "MAX_SHARDS", 100)
+    monkeypatch.setattr(manifest, "ROW_GROUP_ROWS", 3)  # several row groups per shard
+    cache = ScoreCache(str(tmp_path / "cache"), "k")
+    empty = cache.lookup(["a"], np.array([0]))
+    assert empty.empty and list(empty.columns) == list(score_cache.CACHE_COLUMNS)
+    cache.store(rows(["a", "b", "c", "a", "d/1", "d", "e", "f"], [0, 0, 0, 0, 2, 1, 0, 0], 0.1))
+    cache.store(rows(["x", "b", "y"], [0, 0, 0], 0.2))  # b's newer score, in another shard
+    # c under a second label thrice, twice in one row group; h twice in one group
+    cache.store(rows(["c", "c", "z", "c", "h", "h"], [1, 1, 0, 1, 0, 0], 0).assign(el2n=[1, 2, 0, 3, 4, 5]))
+    cache.store(rows(["g"], [0], 0.4))
+    stored = cache.read_all()
+    assert len(cache._shards()) == 4 and len(stored) == 13
+
+    shas = ["c", "a", "zz", "b", "c", "d", "d/1", "e", "a", "c", "g", "f", "h"]
+    labels = np.array([1, 0, 0, 0, 0, 2, 2, 1, 0, 1, 0, 0, 0])  # e relabelled; d and d/1 under d/1's label
+    hits = cache.lookup(pd.Series(shas, dtype="str"), labels)
+    query = pd.DataFrame({"sha256": pd.Series(shas, dtype="str"), "label": labels}).drop_duplicates()
+    expected = stored.merge(query, on=["sha256", "label"], how="inner")  # what lookup did before streaming
+    pd.testing.assert_frame_equal(hits, expected)
+    # each pair once, where it was last written, with its last score
+    assert list(zip(hits["sha256"], hits["label"], hits["el2n"], strict=True)) == [
+        ("c", 0, 0.1),
+        ("a", 0, 0.1),
+        ("d/1", 2, 0.1),
+        ("f", 0, 0.1),
+        ("b", 0, 0.2),
+        ("c", 1, 3.0),
+        ("h", 0, 5.0),
+        ("g", 0, 0.4),
+    ]
+    assert cache.lookup(np.array([], dtype=object), np.array([], dtype=np.int64)).empty
 
 
 def add_images(bucket: str, count: int) -> None:
