@@ -13,8 +13,10 @@ Steps, each timed and memory-sampled on its own, in one process (the driver), on
 - `PruneStage(policy).process(batch)` for keep-hard, offset, keep-easy, class-balanced, stratified and
   random (keep 0.7, the default offset 0.1 and 10 bins, near-duplicates dropped);
 - `ManifestStage(url).process(batch)`: the manifest Parquet file, written atomically to a local folder;
-- `ScoreCache.store` of every row's scores, then `ScoreCache.lookup` of every (sha256, label) pair (an
-  incremental rerun: all hits), over a local folder.
+- `ScoreCache.store` of every row's scores, then the lookup of every (sha256, label) pair as `score_images`
+  does it (an incremental rerun: all hits), over a local folder: `split_by_cache` (`ScoreCache.lookup`,
+  whose result is aligned to the query: a found mask and the score columns, no keys) and `merge_scores`
+  (the score columns of every row, taken by that mask).
 
 Memory: a sampler thread reads the process's PSS and RSS every 0.05 s (`benchmarks.common.PeakMemory`, as
 `memory.py` does for a process tree); the kernel's exact RSS high-water mark (`VmHWM`, reset per step
@@ -52,6 +54,7 @@ from pipeline.core.config import PruneConfig
 from stages.base import Batch
 from stages.manifest import ManifestStage
 from stages.prune import PruneStage
+from stages.score import SCORE_COLUMNS, merge_scores, split_by_cache
 from stages.score_cache import CACHE_COLUMNS, ScoreCache
 
 log = logging.getLogger(__name__)
@@ -215,6 +218,14 @@ def check_pruned(out: Batch, policy: str, n: int) -> None:
         raise AssertionError(f"{policy}: kept {kept} of {n} rows, expected {round(0.7 * n)}")
 
 
+def check_cached(found: np.ndarray, scores: pd.DataFrame, batch: Batch) -> None:
+    """The lookup did its job: every stored row found, with the scores it was stored with."""
+    if not found.all():
+        raise AssertionError(f"cache lookup: {int(found.sum())} hits of {len(found)} stored rows")
+    for name in SCORE_COLUMNS:
+        np.testing.assert_array_equal(scores[name].to_numpy(), batch[name], err_msg=f"cached {name}")
+
+
 def run(quick: bool = False) -> list[Row]:
     n = workload(quick)
     steps: list[Step] = []
@@ -240,11 +251,11 @@ def run(quick: bool = False) -> list[Row]:
             cache.store(pd.DataFrame({name: batch[name] for name in CACHE_COLUMNS}, copy=False))
         steps.append(step)
         with measured("cache_lookup") as step:
-            hits = cache.lookup(pd.Series(batch["sha256"], copy=False), batch["label"])
+            hits = split_by_cache(cache, pd.Series(batch["sha256"], copy=False), batch["label"])
+            scores = merge_scores(hits, None)  # all hits: nothing new to score
         steps.append(step)
-        if len(hits) != n:
-            raise AssertionError(f"cache lookup: {len(hits)} hits of {n} stored rows")
-        del hits, batch, out
+        check_cached(hits.found, scores, batch)
+        del hits, scores, batch, out
     prune_steps = steps[: len(POLICIES)]
     rows: list[Row] = [("prune_scale_rows", float(n)), ("prune_scale_classes", float(CLASSES))]
     rows += [r for r in generate.rows() if not r[0].endswith("_extra_mb")]

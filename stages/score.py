@@ -51,7 +51,7 @@ from pipeline.models.proxy import ProxyNet, ProxyResult, ProxySpec, to_input, tr
 from stages.base import ALL_TO_ALL, Batch, Progress, Resources, Stage, map_batches
 from stages.embed import Device, encoder_embeddings, prototype_scores
 from stages.pixels import ChunkWindows, PixelChunks
-from stages.score_cache import ScoreCache, scoring_key
+from stages.score_cache import CacheHits, ScoreCache, scoring_key
 
 log = logging.getLogger(__name__)
 
@@ -477,47 +477,22 @@ def open_cache(config: Config, classes: list[str], task: str) -> ScoreCache | No
     return ScoreCache(cache_url(config), scoring_key(config, classes, task), config.data.storage_options)
 
 
-@dataclass(frozen=True)
-class CacheSplit:
-    """This run's rows split into those the score cache already has (hits) and the rest (misses)."""
-
-    hits: pd.DataFrame  # cached rows (sha256, label, score columns) matching this run's pairs
-    hit_mask: np.ndarray  # (N,) bool: row i is a hit
-
-    @property
-    def misses(self) -> np.ndarray:
-        """Row indices to score this run."""
-        return np.flatnonzero(~self.hit_mask)
+def split_by_cache(cache: ScoreCache | None, sha256: pd.Series, labels: np.ndarray) -> CacheHits:
+    """Which rows the score cache already has, matched on (sha256, label): the same bytes under two labels
+    are two examples. Row for row with the input, so hits and misses are taken by a mask (`found`), never
+    by a merge on keys, as a run holds millions of rows at scale."""
+    return cache.lookup(sha256, labels) if cache else CacheHits.none(len(labels))
 
 
-def split_by_cache(cache: ScoreCache | None, sha256: pd.Series, labels: np.ndarray) -> CacheSplit:
-    """Match rows on (sha256, label): the same bytes under two labels are two examples. Vectorised (a
-    merge on Arrow-backed strings), as the cache holds millions of rows at scale."""
-    hits = cache.lookup(sha256, labels) if cache else pd.DataFrame()
-    if not len(hits):
-        return CacheSplit(hits, np.zeros(len(labels), dtype=bool))
-    keys = pd.DataFrame(
-        {"sha256": pd.Series(np.asarray(sha256), dtype="str"), "label": np.asarray(labels, np.int64)}
-    )
-    found = hits[["sha256", "label"]].drop_duplicates().assign(hit=True)
-    hit_mask = keys.merge(found, on=["sha256", "label"], how="left")["hit"].notna().to_numpy()  # keeps order
-    return CacheSplit(hits, hit_mask)
-
-
-def merge_scores(sha256_label: pd.DataFrame, split: CacheSplit, new: pd.DataFrame | None) -> pd.DataFrame:
+def merge_scores(hits: CacheHits, new: pd.DataFrame | None) -> pd.DataFrame:
     """SCORE_COLUMNS for every row (index 0..N−1): cached values for hits, this run's `new` (indexed by the
-    miss rows) for misses."""
-    out = pd.DataFrame({name: np.full(len(sha256_label), np.nan) for name in SCORE_COLUMNS})
-    hit = split.hit_mask
-    if len(split.hits):
-        found = sha256_label.merge(
-            split.hits.drop_duplicates(["sha256", "label"], keep="last"), on=["sha256", "label"], how="left"
-        )
-        for name in SCORE_COLUMNS:
-            out.loc[hit, name] = found.loc[hit, name].to_numpy()
+    miss rows) for misses. The result takes over `hits`' arrays and writes the misses into them: at
+    millions of rows a copy would cost 40 bytes a row, and the lookup's result has no other use."""
+    out = pd.DataFrame({name: hits.scores[name] for name in SCORE_COLUMNS}, copy=False)
     if new is not None:
+        misses = np.flatnonzero(~hits.found)
         for name in SCORE_COLUMNS:
-            out.loc[split.misses, name] = new[name].to_numpy(dtype=np.float64)
+            out.loc[misses, name] = new[name].to_numpy(dtype=np.float64)
     return out
 
 
@@ -584,9 +559,9 @@ def score_images(
 
     seconds: dict[str, float] = {}
     with timed(seconds, "cache_lookup"):
-        split = split_by_cache(cache, keys["sha256"], labels)
-    misses = split.misses
-    log.info("score cache %s: %d hits, %d misses", cache_url(config), int(split.hit_mask.sum()), len(misses))
+        hits = split_by_cache(cache, keys["sha256"], labels)
+    misses, cached = np.flatnonzero(~hits.found), int(hits.found.sum())
+    log.info("score cache %s: %d hits, %d misses", cache_url(config), cached, len(misses))
 
     new: pd.DataFrame | None = None
     losses: list[list[float]] = []
@@ -598,11 +573,9 @@ def score_images(
         if cache:  # the proxies too: the next run's new images are scored by the same models
             rows = new.assign(sha256=keys["sha256"].to_numpy()[misses], label=labels[misses])
             cache.store(rows, proxies.models())
-    columns = merge_scores(keys, split, new)
+    columns = merge_scores(hits, new)
     columns["score"] = columns[scorer.column].astype(np.float64)
-    return ScoreOutcome(
-        columns, scored=len(misses), cached=int(split.hit_mask.sum()), seconds=seconds, losses=losses
-    )
+    return ScoreOutcome(columns, scored=len(misses), cached=cached, seconds=seconds, losses=losses)
 
 
 class ScoreStage(Stage):

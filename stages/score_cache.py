@@ -24,6 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,12 +41,12 @@ from stages.manifest import write_parquet
 log = logging.getLogger(__name__)
 
 CACHE_COLUMNS = ("sha256", "label", "el2n", "el2n_std", "grand", "forgetting", "prototype")
+SCORES = CACHE_COLUMNS[2:]  # what a lookup returns per query row
 MAX_SHARDS = 16
-# CACHE_COLUMNS' types in a lookup's result. Shards written by different runs may differ (`string` or
+# CACHE_COLUMNS' types as a lookup reads them. Shards written by different runs may differ (`string` or
 # `large_string` keys, say), so every row group read is cast to these.
 _SCHEMA = pa.schema(
-    [("sha256", pa.large_string()), ("label", pa.int64())]
-    + [(name, pa.float64()) for name in CACHE_COLUMNS[2:]]
+    [("sha256", pa.large_string()), ("label", pa.int64())] + [(name, pa.float64()) for name in SCORES]
 )
 
 # Score settings that do not change any score value (where and how fast it runs) stay out of the key.
@@ -62,10 +63,47 @@ _NOT_IN_KEY = {
 }
 
 
+@dataclass
+class CacheHits:
+    """What `ScoreCache.lookup` found, row for row with its query: `found[i]` says whether query row i is
+    cached, and `scores[name][i]` is its cached value (NaN where not found, or where the cache holds NaN)."""
+
+    found: np.ndarray  # (N,) bool
+    scores: dict[str, np.ndarray]  # SCORES → (N,) float64
+
+    @classmethod
+    def none(cls, n: int) -> CacheHits:
+        """N query rows, none found (also what a run without a cache gets)."""
+        return cls(np.zeros(n, dtype=bool), {name: np.full(n, np.nan) for name in SCORES})
+
+    def fill(self, query_rows: np.ndarray, cached: pa.Table) -> None:
+        """Mark `query_rows` found, with the scores of `cached` (one row each, in the same order)."""
+        self.found[query_rows] = True
+        for name in SCORES:
+            self.scores[name][query_rows] = cached[name].to_numpy()  # a null score becomes NaN
+
+
 def _pair_keys(rows: pa.Table) -> pa.ChunkedArray:
     """One string per row for the pair (sha256, label), `<sha256>/<label>` (a label has no `/`)."""
     label = pc.cast(rows["label"], pa.large_string())
     return pc.binary_join_element_wise(rows["sha256"], label, pa.scalar("/", pa.large_string()))
+
+
+def _match(query: pa.Table, group: pa.Table, found: np.ndarray) -> tuple[np.ndarray, pa.Table]:
+    """The query rows not yet `found` whose (sha256, label) pair `group` holds, and the scores of that
+    pair's latest row in the group (one row per query row, in the same order).
+
+    Two passes: `is_in` on sha256 alone picks the query rows that may match (a hash set of the group's
+    keys, probed by every query row), then an exact match on (sha256, label) over just those rows.
+    """
+    same_sha = pc.is_in(query["sha256"], value_set=group["sha256"]).to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero(same_sha & ~found)
+    # `index_in` finds a key's first occurrence, so the group's keys are searched backwards: a pair cached
+    # twice in the group finds its later row.
+    backwards = pc.index_in(_pair_keys(query.take(candidates)), value_set=_pair_keys(group)[::-1])
+    matched = candidates[backwards.is_valid().to_numpy(zero_copy_only=False)]
+    rows = len(group) - 1 - backwards.drop_null().to_numpy()
+    return matched, group.select(list(SCORES)).take(rows)  # not the keys: no strings copied
 
 
 def scoring_key(config: Config, classes: list[str], task: str) -> str:
@@ -105,15 +143,15 @@ class ScoreCache:
         rows = pd.concat(frames, ignore_index=True)
         return rows.drop_duplicates(["sha256", "label"], keep="last").reset_index(drop=True)
 
-    def lookup(self, sha256: pd.Series | np.ndarray, labels: np.ndarray) -> pd.DataFrame:
-        """Cached rows whose (sha256, label) match a query pair: the latest row of each pair, in write order.
+    def lookup(self, sha256: pd.Series | np.ndarray, labels: np.ndarray) -> CacheHits:
+        """Row i's cached scores, if the cache holds the pair (sha256[i], labels[i]): its latest row's.
 
+        The result is aligned to the query and holds no keys, so a caller takes its hits and misses by a
+        mask rather than merging on millions of strings (and no copy of the query's keys comes back).
         Memory stays small at 10M rows: the keys stay Arrow strings (never Python objects), and the cache
-        is read one Parquet row group at a time, newest first, keeping only the rows that match. Each
-        group is matched in two passes: `is_in` on sha256 alone picks the query rows that may match (a
-        hash set of the group's keys, probed by every query row), then an exact match on (sha256, label)
-        over just those rows. A query row found in a newer group is not matched again in older ones, so
-        each pair yields its latest cached row, as `read_all` would.
+        is read one Parquet row group at a time, newest first, each matched by `_match`. A query row found
+        in a newer group is not matched again in older ones, so it gets its pair's latest cached row, as
+        `read_all` would; every query row is matched on its own, so a repeated pair is a hit every time.
         """
         query = pa.table(
             {
@@ -121,21 +159,13 @@ class ScoreCache:
                 "label": pa.array(np.asarray(labels, dtype=np.int64)),
             }
         )
-        found = np.zeros(len(query), dtype=bool)  # query row i has its latest cached row in `hits`
-        hits: list[pa.Table] = []  # the matched rows of each group, newest group first
+        hits = CacheHits.none(len(query))
         for group in self._row_groups_newest_first():
-            if found.all():
+            if hits.found.all():
                 break
-            same_sha = pc.is_in(query["sha256"], value_set=group["sha256"]).to_numpy(zero_copy_only=False)
-            candidates = np.flatnonzero(same_sha & ~found)
-            # `index_in` finds a key's first occurrence, so the group's keys are searched backwards: a
-            # pair cached twice in the group finds its later row.
-            backwards = pc.index_in(_pair_keys(query.take(candidates)), value_set=_pair_keys(group)[::-1])
-            found[candidates[backwards.is_valid().to_numpy(zero_copy_only=False)]] = True
-            rows = len(group) - 1 - backwards.drop_null().to_numpy()
-            hits.append(group.take(np.unique(rows)))  # unique rows, sorted: the group's write order
-        table = pa.concat_tables(reversed(hits)) if hits else _SCHEMA.empty_table()
-        return table.to_pandas()  # sha256 stays Arrow-backed (`str`), the numbers become numpy columns
+            hits.fill(*_match(query, group, hits.found))
+            del group  # before the next group is read: one group in memory at a time
+        return hits
 
     def _row_groups_newest_first(self) -> Iterator[pa.Table]:
         """The cached rows one Parquet row group at a time (our shards hold up to 1Mi rows per group), as
@@ -144,8 +174,8 @@ class ScoreCache:
             with self.fs.open(shard, "rb") as f:
                 parquet = pq.ParquetFile(f)
                 for index in reversed(range(parquet.num_row_groups)):
-                    group = parquet.read_row_group(index, columns=list(CACHE_COLUMNS))
-                    yield group.select(list(CACHE_COLUMNS)).cast(_SCHEMA)
+                    columns = list(CACHE_COLUMNS)  # a group is not kept here while the next is read
+                    yield parquet.read_row_group(index, columns=columns).select(columns).cast(_SCHEMA)
 
     def store(self, rows: pd.DataFrame, models: dict[str, Any] | None = None) -> None:
         """Append `rows` (CACHE_COLUMNS) as one new shard; save `models` when given."""

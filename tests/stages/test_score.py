@@ -33,11 +33,14 @@ from stages.score import (
     el2n,
     grand_full,
     grand_last_layer,
+    merge_scores,
     rows_per_block,
     score_images,
     score_rows,
     scorer_for,
+    split_by_cache,
 )
+from stages.score_cache import ScoreCache
 
 # Small enough for 2 busy cores, large enough that the effects are far from chance.
 PER_CLASS = 50
@@ -121,6 +124,26 @@ def test_score_stage_contract() -> None:
     assert check_chain([stage], ("path", "sha256", "label", "pixels")) >= {*SCORE_COLUMNS, "score"}
     unscored = Unscored()({"path": np.asarray(["a", "b"], dtype=object)})
     assert np.isnan(unscored["score"]).all() and len(unscored["score"]) == 2
+
+
+def test_cache_hits_keep_their_scores_and_misses_get_this_runs(tmp_path: Path) -> None:
+    """`split_by_cache` + `merge_scores`, row for row: a hit (every repeat of it too) keeps its cached
+    scores, a relabelled or unknown image is a miss and gets this run's; no cache, every row is a miss."""
+    cache = ScoreCache(str(tmp_path / "cache"), "k")
+    cached = {name: [1.0, 2.0] for name in SCORE_COLUMNS}
+    cache.store(pd.DataFrame({"sha256": ["a", "b"], "label": [0, 1], **cached}))
+    sha256, labels = pd.Series(["b", "a", "b", "c", "a"], dtype="str"), np.array([1, 0, 0, 0, 0])
+    hits = split_by_cache(cache, sha256, labels)
+    assert hits.found.tolist() == [True, True, False, False, True]  # b under label 0 is another example
+    new = pd.DataFrame({name: [7.0, 8.0] for name in SCORE_COLUMNS}, index=np.flatnonzero(~hits.found))
+    columns = merge_scores(hits, new)
+    assert list(columns.columns) == list(SCORE_COLUMNS)
+    assert all(columns[name].tolist() == [2.0, 1.0, 7.0, 8.0, 1.0] for name in SCORE_COLUMNS)
+
+    nothing = split_by_cache(None, sha256, labels)
+    assert not nothing.found.any()
+    everything = pd.DataFrame({name: np.arange(5.0) for name in SCORE_COLUMNS})
+    pd.testing.assert_frame_equal(merge_scores(nothing, everything), everything)
 
 
 # ---------------------------------------------------------------------------------------------- real data

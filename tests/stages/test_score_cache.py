@@ -17,7 +17,7 @@ from pipeline.curate import curate
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages import manifest, score_cache
 from stages.manifest import read_table
-from stages.score_cache import ScoreCache, scoring_key
+from stages.score_cache import CacheHits, ScoreCache, scoring_key
 
 FAST = ["--set", "score.num_models=2", "--set", "score.epochs=3"]
 
@@ -51,55 +51,75 @@ def test_key_follows_what_changes_scores() -> None:
     assert key != scoring_key(base, ["a", "b"], "rotation")
 
 
+def as_frame(hits: CacheHits) -> pd.DataFrame:
+    """A lookup's result as one frame: `found` and the score columns, row for row with the query."""
+    return pd.DataFrame({"found": hits.found, **hits.scores})
+
+
 def test_lookup_matches_sha_and_label_and_compacts(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(score_cache, "MAX_SHARDS", 3)
     cache = ScoreCache(str(tmp_path / "cache"), "k")
-    assert cache.lookup(["x"], np.array([0])).empty and cache.load_models() is None
+    assert not cache.lookup(["x"], np.array([0])).found.any() and cache.load_models() is None
     cache.store(rows(["a", "b"], [0, 1], 0.5))
     hits = cache.lookup(["a", "b", "c"], np.array([0, 2, 0]))  # b was relabelled: a miss
-    assert hits["sha256"].tolist() == ["a"]
+    assert hits.found.tolist() == [True, False, False]
+    np.testing.assert_array_equal(hits.scores["el2n"], [0.5, np.nan, np.nan])
     for i in range(4):
         cache.store(rows([f"n{i}"], [0], 0.1 * i))
     cache.store(rows(["a"], [0], 0.9))  # a newer score replaces the old one
     assert len(cache._shards()) <= 3  # compacted
     everything = cache.read_all().set_index("sha256")
     assert len(everything) == 6 and everything.loc["a", "el2n"] == 0.9
+    assert cache.lookup(["a"], np.array([0])).scores["el2n"].tolist() == [0.9]
 
 
 def test_lookup_streams_row_groups_and_keeps_the_latest_row(tmp_path: Path, monkeypatch) -> None:
-    """`lookup` reads the cache a row group at a time; it must return what a merge of `read_all` did: the
-    latest row of each matching (sha256, label) pair, once, in write order, whatever the groups."""
+    """`lookup` reads the cache a row group at a time; it must find what a merge of `read_all` onto the
+    query does: for each query row, in its order, the latest cached row of its (sha256, label) pair, or
+    nothing, whatever the groups (a repeated query row gets the hit each time)."""
     monkeypatch.setattr(score_cache, "MAX_SHARDS", 100)
     monkeypatch.setattr(manifest, "ROW_GROUP_ROWS", 3)  # several row groups per shard
     cache = ScoreCache(str(tmp_path / "cache"), "k")
     empty = cache.lookup(["a"], np.array([0]))
-    assert empty.empty and list(empty.columns) == list(score_cache.CACHE_COLUMNS)
+    assert empty.found.tolist() == [False] and set(empty.scores) == set(score_cache.SCORES)
+    assert all(np.isnan(column).all() for column in empty.scores.values())
     cache.store(rows(["a", "b", "c", "a", "d/1", "d", "e", "f"], [0, 0, 0, 0, 2, 1, 0, 0], 0.1))
     cache.store(rows(["x", "b", "y"], [0, 0, 0], 0.2))  # b's newer score, in another shard
     # c under a second label thrice, twice in one row group; h twice in one group
     cache.store(rows(["c", "c", "z", "c", "h", "h"], [1, 1, 0, 1, 0, 0], 0).assign(el2n=[1, 2, 0, 3, 4, 5]))
-    cache.store(rows(["g"], [0], 0.4))
+    cache.store(rows(["g"], [0], 0.4).assign(prototype=0.7))
     stored = cache.read_all()
     assert len(cache._shards()) == 4 and len(stored) == 13
 
     shas = ["c", "a", "zz", "b", "c", "d", "d/1", "e", "a", "c", "g", "f", "h"]
     labels = np.array([1, 0, 0, 0, 0, 2, 2, 1, 0, 1, 0, 0, 0])  # e relabelled; d and d/1 under d/1's label
     hits = cache.lookup(pd.Series(shas, dtype="str"), labels)
-    query = pd.DataFrame({"sha256": pd.Series(shas, dtype="str"), "label": labels}).drop_duplicates()
-    expected = stored.merge(query, on=["sha256", "label"], how="inner")  # what lookup did before streaming
-    pd.testing.assert_frame_equal(hits, expected)
-    # each pair once, where it was last written, with its last score
-    assert list(zip(hits["sha256"], hits["label"], hits["el2n"], strict=True)) == [
-        ("c", 0, 0.1),
-        ("a", 0, 0.1),
-        ("d/1", 2, 0.1),
-        ("f", 0, 0.1),
-        ("b", 0, 0.2),
-        ("c", 1, 3.0),
-        ("h", 0, 5.0),
-        ("g", 0, 0.4),
+    query = pd.DataFrame({"sha256": pd.Series(shas, dtype="str"), "label": labels})
+    merged = query.merge(stored, on=["sha256", "label"], how="left", indicator=True)  # the old way
+    expected = merged.assign(found=merged["_merge"] == "both")[["found", *score_cache.SCORES]]
+    pd.testing.assert_frame_equal(as_frame(hits), expected)
+    # each query row's last score, or NaN
+    assert hits.found.tolist() == [
+        True,
+        True,
+        False,
+        True,
+        True,
+        False,
+        True,
+        False,
+        True,
+        True,
+        True,
+        True,
+        True,
     ]
-    assert cache.lookup(np.array([], dtype=object), np.array([], dtype=np.int64)).empty
+    np.testing.assert_array_equal(
+        hits.scores["el2n"], [3.0, 0.1, np.nan, 0.2, 0.1, np.nan, 0.1, np.nan, 0.1, 3.0, 0.4, 0.1, 5.0]
+    )
+    assert np.isnan(hits.scores["prototype"][:10]).all() and hits.scores["prototype"][10] == 0.7
+    none = cache.lookup(np.array([], dtype=object), np.array([], dtype=np.int64))
+    assert len(none.found) == 0 and all(len(column) == 0 for column in none.scores.values())
 
 
 def add_images(bucket: str, count: int) -> None:
