@@ -310,12 +310,14 @@ def _watch_metrics(
 
 
 def training_throughput(history: list[dict[str, Any]]) -> float:
-    """Images per second over the run from its metrics lines (0.0 when none was timed). Lines cover
-    different numbers of steps (log_every, or fewer up to a report): each is weighted by its steps."""
+    """Images per second over the run from its metrics lines (0.0 when none was timed): total images over
+    total time. Lines cover different numbers of steps (log_every, or fewer up to a report) of one global
+    batch each, so a line's time is its steps over its rate, and the run's rate is the steps-weighted
+    harmonic mean of the lines' rates (an arithmetic mean would overstate it when rates differ)."""
     steps_covered = np.diff([0] + [int(h["step"]) for h in history])
     timed = [
         (h["images_per_s"], n) for h, n in zip(history, steps_covered, strict=True) if h.get("images_per_s")
     ]
     if not timed:
         return 0.0
-    return float(np.average([r for r, _ in timed], weights=[n for _, n in timed]))
+    return float(sum(n for _, n in timed) / sum(n / rate for rate, n in timed))

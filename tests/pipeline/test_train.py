@@ -284,3 +284,17 @@ def test_a_validation_image_deleted_since_curation_is_left_out(tmp_path, caplog)
         decoded = _validation_images(config, paths)
     assert decoded.shape == (3, 32, 32, 3) and decoded.any(axis=(1, 2, 3)).all()
     assert "1 validation image(s) left out" in caplog.text and "missing" in caplog.text
+
+
+def test_training_throughput_is_total_images_over_total_time() -> None:
+    """Uneven windows: 10 steps of 128 images at 100 images/s (12.8 s), then 30 steps at 50 images/s
+    (76.8 s) are 5,120 images in 89.6 s: 57.1 images/s, not the steps-weighted mean of the rates (62.5)."""
+    from pipeline.train import training_throughput
+
+    history = [
+        {"step": 10, "images_per_s": 100.0},
+        {"step": 40, "images_per_s": 50.0},
+        {"step": 40},  # a line without a timed window (e.g. the final report) counts nothing
+    ]
+    assert training_throughput(history) == pytest.approx(5120 / 89.6)
+    assert training_throughput([{"step": 5}]) == 0.0
