@@ -26,6 +26,12 @@
 Writes `DIR/curation_pays.json` ({"arms": [...], "baselines": {"pixels", "random_init"}, "settings"}),
 `DIR/curation_pays.md` (mean ± std per arm) and `DIR/curation_pays.png` (accuracy vs keep, per policy).
 One Ray session serves the whole script.
+
+A full run takes hours on a laptop, so it resumes: rerun the same command and every finished step is
+reused (the scored manifests, and each arm and seed's `DIR/arms/<arm>-s<seed>/record.json`); an arm that
+was cut off starts again from scratch. `DIR/run.json` holds the settings the results depend on, and a
+rerun with other settings into the same DIR stops with an error instead of mixing them. Arms run seed by
+seed (every arm's seed 0 first), so a run stopped early still covers every arm.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +56,8 @@ FIRST_KEEP_ONLY = ("keep-easy", "stratified", "prototype")
 PROTOTYPE_POLICY = "keep-hard"  # label-free prototypes: keep the far-from-prototype (hard) images
 METRICS = ("linear_probe", "finetune", "knn")  # the encoder's protocols (baselines have them too)
 TABLE_METRICS = (*METRICS, "supervised")  # + the supervised anchor (proxy trained on the kept set)
+RUN_NAME = "run.json"  # DIR/run.json: the settings every result under DIR was made with
+RECORD_NAME = "record.json"  # DIR/arms/<arm>-s<seed>/record.json: one finished arm and seed
 FULL_STEPS = 1500
 QUICK_STEPS = 300
 CURVE_POINTS = 4  # checkpoints evaluated per arm (each quarter of the budget): the compute-to-reach curve
@@ -139,6 +148,38 @@ def noisy_labels(paths: list[str], names: list[str], noise: float, seed: int) ->
     return frame[["path", "label", "class_name", "true_class", "noisy"]]
 
 
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write atomically (a temporary sibling, then a rename): a kill leaves the old file or none."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2, default=str))
+    temporary.replace(path)
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What every result under `--output` depends on (the arms and seeds may grow between reruns)."""
+    keys = ("data", "test", "noise", "noise_seed", "offset", "steps", "anchor_epochs", "sets")
+    return {key: getattr(args, key) for key in keys}
+
+
+def claim_output(output: Path, settings: dict[str, Any]) -> None:
+    """Record `settings` in `output/run.json`, or check that an earlier run there used the same ones."""
+    path = output / RUN_NAME
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | earlier.keys() if earlier.get(k) != settings.get(k))
+        if changed:
+            raise SystemExit(
+                f"{output} holds results made with other settings ({', '.join(changed)} differ; see {path}): "
+                "rerun with the same settings to resume, or pass a new --output"
+            )
+        log.info("resuming the run in %s", output)
+        return
+    write_json(path, settings)
+
+
 # ------------------------------------------------------------------------------------------------ stages
 
 
@@ -151,8 +192,13 @@ def score_folder(args: argparse.Namespace, labels_url: str, method: str) -> str:
     """Curate (score, no pruning) the training folder with the noisy labels; returns the manifest URL."""
     from pipeline.core.config import load_config
     from pipeline.curate import curate
+    from stages.manifest import MANIFEST_NAME
 
     out = str(Path(args.output) / f"curate-{method}")
+    published = Path(out) / MANIFEST_NAME
+    if published.exists():  # written by an earlier run of this DIR (run.json says with these settings)
+        log.info("reusing the %s scores of an earlier run: %s", method, published)
+        return str(published)
     config = load_config(
         None,
         overrides(
@@ -325,6 +371,12 @@ def run_arm(
     from stages.manifest import MANIFEST_NAME
 
     out = Path(args.output) / "arms" / f"{arm.name}-s{seed}"
+    if (out / RECORD_NAME).exists():
+        log.info("%s seed %d: reusing the record of an earlier run", arm.name, seed)
+        return json.loads((out / RECORD_NAME).read_text())
+    if out.exists():  # cut off before its record: its checkpoints would resume mid-run, so start over
+        log.info("%s seed %d: an earlier run stopped part-way; starting it again", arm.name, seed)
+        shutil.rmtree(out)
     pruned = prune_arm(arm, seed, scored_url, str(out), args)
     every = max(1, args.steps // CURVE_POINTS)  # a checkpoint at each quarter of the budget, all kept
     config = load_config(
@@ -362,6 +414,7 @@ def run_arm(
         "curve": checkpoint_curve(out, evaluation),
     }
     log.info("%s seed %d: %s", arm.name, seed, {k: record[k] for k in (*METRICS, "noisy_kept", "kept")})
+    write_json(out / RECORD_NAME, record)
     return record
 
 
@@ -489,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    claim_output(output, run_settings(args))
     base = load_config(None, overrides(args, **{"data.input": args.data}))
     paths, names, source = labeled_names(args.data, base)  # true labels: demo truth or folder names
     labels = noisy_labels(paths, names, args.noise, args.noise_seed)
@@ -506,8 +560,8 @@ def main(argv: list[str] | None = None) -> dict:
         evaluation = load_evaluation(args)
         baselines = baseline_scores(evaluation)
         log.info("baselines: %s", baselines)
-        for arm in arms:
-            for seed in range(args.seeds):
+        for seed in range(args.seeds):  # every arm's seed 0 first: a run stopped early covers every arm
+            for arm in arms:
                 records.append(run_arm(arm, seed, scored[arm.score], labels, evaluation, args))
     steps_to_reach(records)
     settings = {
@@ -532,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
     }
     result = {"arms": records, "baselines": baselines, "settings": settings}
-    (output / "curation_pays.json").write_text(json.dumps(result, indent=2, default=str))
+    write_json(output / "curation_pays.json", result)
     table = summary_table(records)
     write_markdown(output / "curation_pays.md", table, baselines, settings)
     write_plot(output / "curation_pays.png", table, baselines)

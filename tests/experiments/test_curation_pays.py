@@ -61,13 +61,12 @@ def test_curation_pays_runs_end_to_end_on_tiny_inputs(tmp_path: Path, ray_cluste
     write_demo_data(str(test), DemoSpec(per_class=4, seed=2))
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
     settings = {**TINY_CURATE, **TINY_PRETRAIN, **TINY_EVALUATE, "evaluate.finetune_epochs": 1}
-    result = load_script().main(
-        [
-            *("--data", str(data), "--test", str(test), "--noise", "0.2", "--keep", "0.5", "--seeds", "1"),
-            *("--policies", "full,offset", "--steps", "4", "--anchor-epochs", "2", "--output", str(out)),
-            *as_sets(settings),
-        ]
-    )
+    args = [
+        *("--data", str(data), "--test", str(test), "--noise", "0.2", "--keep", "0.5", "--seeds", "1"),
+        *("--policies", "full,offset", "--steps", "4", "--anchor-epochs", "2", "--output", str(out)),
+        *as_sets(settings),
+    ]
+    result = load_script().main(args)
 
     written = json.loads((out / "curation_pays.json").read_text())
     assert written["arms"] == json.loads(json.dumps(result["arms"]))
@@ -104,3 +103,16 @@ def test_curation_pays_runs_end_to_end_on_tiny_inputs(tmp_path: Path, ray_cluste
     assert "offset@0.5" in table and "full" in table and "pixels" in table and "supervised anchor" in table
     assert (out / "curation_pays.png").stat().st_size > 0
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # the input folder is untouched
+
+    # Resume: a rerun reuses every finished arm and redoes one that was cut off (its record gone).
+    full_record = out / "arms" / "full-s0" / "record.json"
+    offset_record = out / "arms" / "offset@0.5-s0" / "record.json"
+    full_written = full_record.stat().st_mtime_ns
+    offset_record.unlink()
+    rerun = load_script().main(args)
+    assert full_record.stat().st_mtime_ns == full_written
+    assert offset_record.exists()
+    reused = next(a for a in rerun["arms"] if a["arm"] == "full")
+    assert reused == next(a for a in written["arms"] if a["arm"] == "full")
+    with pytest.raises(SystemExit, match="steps differ"):  # other settings never mix into these results
+        load_script().main([*args[: args.index("--steps") + 1], "5", *args[args.index("--steps") + 2 :]])
