@@ -46,9 +46,9 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.core.config import Config
 from pipeline.core.errors import MaskdietError
-from pipeline.core.ray_compat import PG_CLEANER_CALLBACK, without_callback
 from pipeline.core.runtime import cluster_cpus
 from pipeline.core.storage import join, ray_storage, read_json_lines
+from pipeline.core.trainer import Trainer
 from pipeline.models.mae import size_of
 from pipeline.train_loop import ENCODER_NAME, METRICS_NAME, train_loop
 
@@ -121,20 +121,6 @@ def _validation_images(config: Config, paths: list[str]) -> np.ndarray:
     return images[ok]
 
 
-class Trainer(TorchTrainer):
-    """A `TorchTrainer` that leaves out Ray Train's placement-group cleaner when there is no State API for it
-    to poll (a local Ray started without its dashboard): it would log a warning every second and clean
-    nothing (see `ray_compat.PG_CLEANER_CALLBACK`)."""
-
-    def __init__(self, *args: Any, state_api: bool = True, **kwargs: Any) -> None:
-        self._state_api = state_api
-        super().__init__(*args, **kwargs)
-
-    def _create_default_callbacks(self) -> list:
-        callbacks = super()._create_default_callbacks()
-        return callbacks if self._state_api else without_callback(callbacks, PG_CLEANER_CALLBACK)
-
-
 def build_trainer(
     config: Config,
     manifest_url: str,
@@ -199,7 +185,7 @@ def build_trainer(
     }
     return Trainer(
         train_loop,
-        state_api=config.ray.include_dashboard or config.ray.address is not None,
+        state_api=config.ray.state_api,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=pre.num_workers, use_gpu=pre.use_gpu, resources_per_worker=resources

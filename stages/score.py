@@ -2,6 +2,7 @@
 
 The method is "Deep Learning on a Data Diet" (Paul, Ganguli, Dziugaite, 2021). K small classifiers
 (`pipeline.models.proxy`, different seeds) train for a few epochs on the decoded images — one Ray task each,
+or with `score.trainer=train` one Ray Train job each that checkpoints every epoch (`stages.proxy_jobs`),
 streaming the pixels window by window from the object store (`stages.pixels`: no process holds them all)
 — then every example is scored by the map stage `ScoreModels`, run by Ray Data tasks on the same, already
 warm workers (or, with `score.compute=actors`, an actor pool that loads the K models once per actor). With
@@ -51,6 +52,7 @@ from pipeline.models.proxy import ProxyNet, ProxyResult, ProxySpec, to_input, tr
 from stages.base import ALL_TO_ALL, Batch, Progress, Resources, Stage, map_batches
 from stages.embed import Device, encoder_embeddings, prototype_scores
 from stages.pixels import ChunkWindows, PixelChunks
+from stages.proxy_jobs import ProxyJobs, rows_digest, submit_proxy_jobs
 from stages.score_cache import CacheHits, ScoreCache, scoring_key
 
 log = logging.getLogger(__name__)
@@ -280,13 +282,21 @@ def train_proxies(
     seeds: list[int],
     config: ScoreConfig,
     progress: Progress | None = None,
+    jobs: ProxyJobs | None = None,
 ) -> list[ProxyResult]:
-    """Train one proxy per seed as parallel Ray tasks (`score.cpus_per_model` CPUs and, with
-    `score.use_gpu`, `score.gpus_per_model` of a GPU each), each streaming the pixels window by window."""
+    """Train one proxy per seed, all in parallel (`score.cpus_per_model` CPUs and, with `score.use_gpu`,
+    `score.gpus_per_model` of a GPU each), each streaming the pixels window by window: as Ray tasks, or,
+    given `jobs` (`score.trainer=train`), as Ray Train jobs that checkpoint every epoch
+    (`stages.proxy_jobs`)."""
     windows = ChunkWindows(pixels, config.window_chunks)
     labels_ref = ray.put(np.asarray(labels, dtype=np.int64))
-    task = ray.remote(num_cpus=config.cpus_per_model, num_gpus=gpus_per_model(config))(train_proxy)
-    pending = [task.remote(windows, labels_ref, spec, seed) for seed in seeds]
+    gpus = gpus_per_model(config)
+    if jobs is not None:
+        resources = {"CPU": config.cpus_per_model, **({"GPU": gpus} if gpus else {})}
+        pending = submit_proxy_jobs(windows, labels_ref, spec, seeds, resources, jobs)
+    else:
+        task = ray.remote(num_cpus=config.cpus_per_model, num_gpus=gpus)(train_proxy)
+        pending = [task.remote(windows, labels_ref, spec, seed) for seed in seeds]
     order = {ref: i for i, ref in enumerate(pending)}
     results: list[ProxyResult | None] = [None] * len(pending)
     remaining = list(pending)
@@ -297,7 +307,8 @@ def train_proxies(
             progress("proxies", len(seeds) - len(remaining), len(seeds))
     out = [r for r in results if r is not None]
     for r in out:
-        log.info("proxy seed %d: loss %.3f → %.3f", r.seed, r.losses[0], r.losses[-1])
+        resumed = f" (went on after epoch {r.resumed_from} of a stopped run)" if r.resumed_from else ""
+        log.info("proxy seed %d: loss %.3f → %.3f%s", r.seed, r.losses[0], r.losses[-1], resumed)
     return out
 
 
@@ -311,6 +322,7 @@ class ScoringInputs:
     config: ScoreConfig
     storage_options: dict[str, Any]  # for `score.encoder`
     progress: Progress | None = None
+    jobs: ProxyJobs | None = None  # score.trainer=train: where the proxies' Train jobs checkpoint
 
 
 @dataclass
@@ -340,7 +352,9 @@ def obtain_proxies(inputs: ScoringInputs, cached: dict[str, Any] | None, needed:
         return Proxies([], no_forgetting, [])
     sc = inputs.config
     seeds = [sc.seed + k for k in range(sc.num_models)]
-    results = train_proxies(inputs.pixels, inputs.labels, inputs.spec, seeds, sc, inputs.progress)
+    results = train_proxies(
+        inputs.pixels, inputs.labels, inputs.spec, seeds, sc, inputs.progress, inputs.jobs
+    )
     forgetting = np.mean([r.forgetting for r in results], axis=0)
     return Proxies([r.state for r in results], forgetting, [r.losses for r in results])
 
@@ -477,6 +491,21 @@ def open_cache(config: Config, classes: list[str], task: str) -> ScoreCache | No
     return ScoreCache(cache_url(config), scoring_key(config, classes, task), config.data.storage_options)
 
 
+def proxy_jobs(config: Config, classes: list[str], task: str, keys: pd.DataFrame) -> ProxyJobs | None:
+    """With `score.trainer=train`: the proxy jobs' checkpoints, in the score cache's folder for this scoring
+    key (also with `score.cache=false`: they are how a killed run resumes), one run per proxy and rows."""
+    sc = config.score
+    if sc.trainer != "train":
+        return None
+    return ProxyJobs(
+        storage=join(cache_url(config), scoring_key(config, classes, task), "proxy_jobs"),
+        rows=rows_digest(keys),
+        max_failures=sc.max_failures,
+        state_api=config.ray.state_api,
+        storage_options=config.data.storage_options,
+    )
+
+
 def split_by_cache(cache: ScoreCache | None, sha256: pd.Series, labels: np.ndarray) -> CacheHits:
     """Which rows the score cache already has, matched on (sha256, label): the same bytes under two labels
     are two examples. Row for row with the input, so hits and misses are taken by a mask (`found`), never
@@ -566,7 +595,8 @@ def score_images(
     new: pd.DataFrame | None = None
     losses: list[list[float]] = []
     if len(misses):
-        inputs = ScoringInputs(pixels, labels, spec, sc, config.data.storage_options, progress)
+        jobs = proxy_jobs(config, classes, scorer.task, keys)
+        inputs = ScoringInputs(pixels, labels, spec, sc, config.data.storage_options, progress, jobs)
         cached_models = cache.load_models() if cache else None
         new, proxies = score_misses(scorer, inputs, misses, cached_models, seconds)
         losses = proxies.losses

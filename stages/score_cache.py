@@ -60,6 +60,8 @@ _NOT_IN_KEY = {
     "score_batch_size",
     "gpus_per_model",
     "num_clusters",
+    "trainer",
+    "max_failures",
 }
 
 

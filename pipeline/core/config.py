@@ -43,6 +43,12 @@ class RayConfig(_Section):
     # only to its log files under the Ray session folder; INFO shows them all. Our logs are unaffected.
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
+    @property
+    def state_api(self) -> bool:
+        """Whether the cluster has Ray's State API (a dashboard): a local Ray only with `include_dashboard`;
+        a cluster we connect to is assumed to run one."""
+        return self.include_dashboard or self.address is not None
+
 
 class DataConfig(_Section):
     # fsspec URL of the images: a folder <root>/<class>/<file>; a prefix, file or brace pattern of WebDataset
@@ -95,6 +101,12 @@ class ScoreConfig(_Section):
     augment: bool = True  # random ±2 px shifts while training proxies (never when scoring)
     encoder: str | None = None  # prototype: a maskdiet encoder.pth to embed with instead of a proxy
     cpus_per_model: float = Field(1.0, gt=0.0)  # CPUs per proxy-training Ray task (torch threads)
+    # How each proxy trains. "tasks": a Ray task (quick to start; a proxy whose task dies is trained again
+    # from scratch). "train": a Ray Train job that checkpoints after every epoch and, when its worker dies,
+    # restarts it from there (up to max_failures times); a rerun over the same images resumes unfinished
+    # proxies. Both read the pixels window by window from the object store (stages/proxy_jobs.py).
+    trainer: Literal["tasks", "train"] = "tasks"
+    max_failures: int = Field(2, ge=0)  # trainer=train: worker restarts per proxy
     # How scoring runs in Ray Data. "tasks": tasks of 1–8 batches on Ray's already-running workers, each
     # rebuilding the K small proxies once (milliseconds); "actors": an actor pool that loads them once per
     # actor but starts fresh processes every run (seconds: a process, torch's import, the models).

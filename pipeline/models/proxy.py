@@ -3,8 +3,8 @@
 A proxy is split as `body` (images → features h) and a linear `head` (h → logits): GraNd's closed form and
 the prototype embeddings need the features. `train_proxy` trains one for a few epochs (SGD, constant lr,
 as Paul et al. 2021 score mid-training) and counts forgetting events on the way, reading its images window
-by window (`RowWindows`: no process holds them all); `stages.score` trains K of them as Ray tasks, on CPUs
-or GPUs, and scores every example with them.
+by window (`RowWindows`: no process holds them all); `stages.score` trains K of them as Ray tasks or Ray
+Train jobs (`stages.proxy_jobs`), on CPUs or GPUs, and scores every example with them.
 
 Two tasks: `labels` (the given classes) and `rotation` (label-free: predict which of `ROTATIONS` quarter
 turns was applied, for the prototype score).
@@ -13,8 +13,9 @@ turns was applied, for the prototype score).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -205,15 +206,42 @@ class ProxyResult:
     state: dict[str, torch.Tensor]  # the trained weights (CPU)
     forgetting: np.ndarray  # (N,) forgetting events per example (NaN for the rotation task)
     losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+    resumed_from: int = 0  # epochs a stopped run had done when this one went on from them (0: from scratch)
 
 
-def train_proxy(images: RowWindows, labels: np.ndarray, spec: ProxySpec, seed: int) -> ProxyResult:
+@dataclass
+class ProxyTraining:
+    """Where one proxy's training stands after `epoch` epochs: everything needed to go on exactly as if it
+    had not stopped (the weights, the optimizer's momentum, the data-order generator and the forgetting
+    counts), saved in a checkpoint after every epoch when the proxy trains as a Ray Train job."""
+
+    epoch: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    generator: torch.Tensor  # torch.Generator.get_state(): the next epoch's window order, shifts, rotations
+    last_correct: torch.Tensor  # (N,) bool
+    ever_correct: torch.Tensor  # (N,) bool
+    events: torch.Tensor  # (N,) int64 forgetting events so far
+    losses: list[float]
+
+
+def train_proxy(
+    images: RowWindows,
+    labels: np.ndarray,
+    spec: ProxySpec,
+    seed: int,
+    resume: ProxyTraining | None = None,
+    on_epoch: Callable[[ProxyTraining], None] | None = None,
+) -> ProxyResult:
     """Train one proxy for `spec.epochs` epochs (SGD, momentum 0.9, constant lr) and count forgetting.
 
     images: the N rows' uint8 pixels, read window by window (each epoch visits the windows in a new random
     order and shuffles the rows within each); labels: (N,) int64 in [0, C). Forgetting follows Toneva et
     al.: each time an example is in a minibatch its (train-mode) correctness is recorded; a correct →
     incorrect step is one event. Examples never predicted correctly get `epochs` events.
+
+    `on_epoch` gets a `ProxyTraining` after every epoch (a Ray Train job checkpoints it); given one as
+    `resume`, training goes on from its epoch and ends as the uninterrupted run would (same result on CPU).
     """
     torch.set_num_threads(spec.threads)
     torch.manual_seed(seed)
@@ -228,9 +256,16 @@ def train_proxy(images: RowWindows, labels: np.ndarray, spec: ProxySpec, seed: i
     last_correct = torch.zeros(n, dtype=torch.bool)
     ever_correct = torch.zeros(n, dtype=torch.bool)
     events = torch.zeros(n, dtype=torch.int64)
-    losses = []
+    losses: list[float] = []
+    first_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        opt.load_state_dict(resume.optimizer)
+        gen.set_state(resume.generator)
+        last_correct, ever_correct, events = resume.last_correct, resume.ever_correct, resume.events
+        losses, first_epoch = list(resume.losses), resume.epoch
     model.train()
-    for _ in range(spec.epochs):
+    for epoch in range(first_epoch, spec.epochs):
         total, count = torch.zeros((), device=device), 0
         for rows, pixels in images.windows(gen):
             for start in range(0, len(rows), spec.batch_size):
@@ -262,13 +297,30 @@ def train_proxy(images: RowWindows, labels: np.ndarray, spec: ProxySpec, seed: i
         if not math.isfinite(mean):
             raise FloatingPointError(f"proxy seed {seed}: non-finite loss {mean}; lower score.lr")
         losses.append(mean)
+        if on_epoch is not None:
+            on_epoch(
+                ProxyTraining(  # copies: training goes on changing the live tensors in place
+                    epoch + 1,
+                    cpu_state(model),
+                    copy.deepcopy(opt.state_dict()),
+                    gen.get_state(),
+                    last_correct.clone(),
+                    ever_correct.clone(),
+                    events.clone(),
+                    list(losses),
+                )
+            )
     recompute_batchnorm(model, images, spec)
     forgetting = events.double().numpy()
     forgetting[~ever_correct.numpy()] = spec.epochs
     if spec.task == "rotation":
         forgetting[:] = np.nan
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return ProxyResult(seed=seed, state=state, forgetting=forgetting, losses=losses)
+    return ProxyResult(seed, cpu_state(model), forgetting, losses, resume.epoch if resume else 0)
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the model's weights and buffers."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()

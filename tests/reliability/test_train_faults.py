@@ -121,3 +121,58 @@ def test_killed_train_worker_resumes_from_checkpoint(ray_cluster: None, tmp_path
     before = next(h for h in result.history if h["step"] == start)
     assert resumed[0]["loss"] < 0.9 * result.history[0]["loss"]
     assert resumed[0]["loss"] < 1.3 * before["loss"]
+
+
+@pytest.mark.slow
+def test_killed_proxy_job_resumes_from_its_last_epoch(ray_cluster: None, tmp_path: Path) -> None:
+    """A proxy trained as a Ray Train job (`score.trainer=train`) whose worker is SIGKILLed after an epoch's
+    checkpoint goes on from that epoch, and ends with exactly the proxy an uninterrupted task trains."""
+    import numpy as np
+    import torch
+
+    from pipeline.core.config import ScoreConfig
+    from pipeline.models.proxy import ProxySpec
+    from stages.pixels import PixelChunks
+    from stages.proxy_jobs import ProxyJobs
+    from stages.score import train_proxies
+
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(6000, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, size=6000)
+    config = ScoreConfig(epochs=6, chunk_rows=500, window_chunks=4)
+    spec = ProxySpec.from_config(config, 4, image_size=16)
+    pixels = PixelChunks.from_array(images, config.chunk_rows)
+    jobs = ProxyJobs(storage=str(tmp_path / "jobs"), rows="faults", max_failures=2, state_api=True)
+
+    outcome: dict[str, object] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = train_proxies(pixels, labels, spec, [7], config, jobs=jobs)
+        except BaseException as e:  # reported by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    snapshot = tmp_path / "jobs" / jobs.run_name(spec, 7) / "checkpoint_manager_snapshot.json"
+    killed, deadline = False, time.monotonic() + 300
+    while time.monotonic() < deadline and thread.is_alive():
+        if snapshot.exists():  # the controller registered an epoch's checkpoint: a restart finds it
+            pids = _train_worker_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.05)
+    assert killed, "the proxy's worker was never killed mid-run"
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the proxy job did not finish after its worker was killed"
+    assert "error" not in outcome, repr(outcome.get("error"))
+    (resumed,) = outcome["result"]
+    assert 1 <= resumed.resumed_from < config.epochs  # went on from a checkpoint, not from scratch
+
+    (straight,) = train_proxies(pixels, labels, spec, [7], config)  # as a task, never stopped
+    assert resumed.losses == straight.losses
+    np.testing.assert_array_equal(resumed.forgetting, straight.forgetting)
+    for name, value in straight.state.items():
+        assert torch.equal(resumed.state[name], value), name

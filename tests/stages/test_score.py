@@ -228,3 +228,22 @@ def test_offset_pruning_keeps_far_fewer_wrong_labels_than_random(scored: Scored)
     offset = max(kept_noise["offset", s] for s in range(3))  # measured: 10 of 46
     random = min(kept_noise["random", s] for s in range(3))  # measured: 30 to 37 of 46
     assert offset <= random / 2, kept_noise
+
+
+def test_proxies_as_train_jobs_score_as_the_tasks_do(scored: Scored, tmp_path: Path) -> None:
+    """`score.trainer=train` trains each proxy as a Ray Train job (checkpointed every epoch) instead of a
+    task: the same training, so on CPU the very same scores, and one run per proxy kept under the score
+    cache's folder for the scoring key (where a rerun over the same rows resumes them)."""
+    decoded = scored.decoded
+    tasks = scored.config.model_copy(deep=True)
+    tasks.score.num_models, tasks.score.cache_url = 2, str(tmp_path / "cache")
+    jobs = tasks.model_copy(deep=True)
+    jobs.score.trainer = "train"
+    by_tasks = score_images(decoded.frame, decoded.images, decoded.classes, tasks)
+    by_jobs = score_images(decoded.frame, decoded.images, decoded.classes, jobs)
+    pd.testing.assert_frame_equal(by_jobs.columns, by_tasks.columns)
+    assert by_jobs.losses == by_tasks.losses
+    (key,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    runs = sorted(p.name for p in (key / "proxy_jobs").iterdir() if p.is_dir())
+    assert len(runs) == 2 and all(r.startswith("proxy-labels-") for r in runs), runs
+    assert runs[0].endswith("-s0") and runs[1].endswith("-s1")

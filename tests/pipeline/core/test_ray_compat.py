@@ -77,7 +77,7 @@ def test_without_a_state_api_the_trainer_leaves_out_the_placement_group_cleaner(
     every second; our trainer drops it by its class name, which must still be Ray's."""
     from ray.train import ScalingConfig
 
-    from pipeline.train import Trainer
+    from pipeline.core.trainer import Trainer
 
     def names(state_api: bool) -> list[str]:
         trainer = Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1), state_api=state_api)

@@ -53,3 +53,23 @@ def test_a_proxy_learns_from_windows_and_counts_forgetting() -> None:
         RecordingWindows(windows.images, size=32), labels, spec, seed=0
     )  # same seed, same run
     assert again.losses == result.losses
+
+
+def test_a_resumed_proxy_ends_as_the_uninterrupted_one() -> None:
+    """Stopped after any epoch and resumed from what `on_epoch` handed out (as a Ray Train job resumes from
+    its checkpoint), a proxy ends with the same weights, forgetting counts and losses as a run that never
+    stopped: the data order, shifts, momentum and counts all carry over."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=96)
+    images = rng.integers(0, 256, size=(96, 12, 12, 3), dtype=np.uint8)
+    spec = ProxySpec("cnn-small", 3, epochs=3, batch_size=16, lr=0.05, weight_decay=5e-4, augment=True)
+    saved = []
+    straight = train_proxy(ArrayWindows(images, size=40), labels, spec, seed=4, on_epoch=saved.append)
+    assert [s.epoch for s in saved] == [1, 2, 3]
+    assert saved[-1].losses == straight.losses
+    for stop in saved[:2]:
+        resumed = train_proxy(ArrayWindows(images, size=40), labels, spec, seed=4, resume=stop)
+        assert resumed.losses == straight.losses
+        np.testing.assert_array_equal(resumed.forgetting, straight.forgetting)
+        for name, value in straight.state.items():
+            assert torch.equal(resumed.state[name], value), name
