@@ -22,6 +22,10 @@ epoch, since a ResNet-18 trains at tens of images/s per core here.
   The `_train_only` rows time the baseline's epochs without the recalibration pass (each process's own
   clock, the slower of the K per pass), for a reader who counts that pass as maskdiet's overhead.
 
+- maskdiet as Ray Train jobs (`score.trainer=train`, cnn-small only): the same `train_proxies` with a
+  `ProxyJobs` in a fresh temporary folder per pass: a Train run per proxy, a checkpoint after every epoch.
+  Its ratio carries each job's start-up (controller, worker group) and checkpoints; no target.
+
 Images/s is K × epochs × N over a pass's wall time, on both sides. Passes alternate, after one untimed
 warm-up of each (the first maskdiet pass imports torch in fresh Ray workers: `proxy_first_pass_s`); medians
 are reported. Target: maskdiet ≥ 0.9× the loops.
@@ -39,6 +43,7 @@ import logging
 import math
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -55,6 +60,7 @@ from benchmarks.common import Row, local_ray, main, ratio, tiny
 from pipeline.core.config import ScoreConfig
 from pipeline.models.proxy import ProxySpec, random_shift, to_input
 from stages.pixels import PixelChunks
+from stages.proxy_jobs import ProxyJobs
 from stages.score import train_proxies
 
 log = logging.getLogger(__name__)
@@ -208,9 +214,21 @@ def measure(
         seconds["loop"].append(wall)
         seconds["loop_train"].append(train)
 
+    def timed_jobs() -> None:
+        """The same training as Ray Train jobs (`score.trainer=train`), each pass into fresh storage (a
+        finished job's storage would hand its result back at once)."""
+        with tempfile.TemporaryDirectory() as storage:
+            jobs = ProxyJobs(storage=storage, rows="benchmark", max_failures=0, state_api=True)
+            start = time.perf_counter()
+            train_proxies(pixels, labels[:n], spec, seeds, config, jobs=jobs)
+            seconds["jobs"].append(time.perf_counter() - start)
+
     first = timed_maskdiet()  # fresh workers the first time (torch imported there)
     plain_warmup(pool, n, spec)  # the pool's processes have started and built this model
     steps: list[Callable[[], None]] = [timed_loop, lambda: seconds["maskdiet"].append(timed_maskdiet())]
+    if work.model == "cnn-small":  # the jobs' start-up is what differs; resnet18's passes are long already
+        seconds["jobs"] = []
+        steps.append(timed_jobs)
     for _ in range(work.repeats):
         for step in steps:
             step()
@@ -247,6 +265,11 @@ def run(quick: bool = False) -> list[Row]:
                 ),
                 (f"{prefix}_first_pass_s", rate["first_pass_s"]),
             ]
+            if "jobs" in rate:
+                rows += [
+                    (f"{prefix}_jobs_images_per_s_maskdiet", rate["jobs"]),
+                    (f"{prefix}_jobs_train_ratio_vs_torch_loop", ratio(rate["jobs"], rate["loop"])),
+                ]
     rows += [("proxy_models", float(K)), ("proxy_cores", float(cores))]
     return rows
 

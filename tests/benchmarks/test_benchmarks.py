@@ -40,6 +40,7 @@ EXPECTED = {
         "proxy_images_per_s_torch_loop",
         "proxy_train_ratio_vs_torch_loop",
         "proxy_resnet18_train_ratio_vs_torch_loop",
+        "proxy_jobs_train_ratio_vs_torch_loop",
     ],
     "memory": ["memory_curate_small_peak_pss_mb", "memory_curate_pss_growth_large_vs_small"],
     "shards": [
