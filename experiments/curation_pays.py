@@ -501,9 +501,10 @@ def write_plot(path: Path, table: pd.DataFrame, baselines: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TABLE_METRICS), figsize=(5 * len(TABLE_METRICS), 4), squeeze=False)
+    metrics = [m for m in TABLE_METRICS if table[f"{m}_mean"].notna().any()]  # e.g. no fine-tune when off
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     full = table[table["policy"] == "full"]
-    for ax, metric in zip(axes[0], TABLE_METRICS, strict=True):
+    for ax, metric in zip(axes[0], metrics, strict=True):
         for policy, group in table[table["policy"] != "full"].groupby("policy", sort=False):
             group = pd.concat([group, full]).sort_values("keep")  # every policy's curve ends at full data
             ax.errorbar(
