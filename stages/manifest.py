@@ -65,36 +65,47 @@ QUARANTINE_NAME = "quarantine.parquet"
 ROW_GROUP_ROWS = 1024 * 1024
 
 
-def _table(frame: pd.DataFrame, schema: pa.Schema, metadata: dict[str, Any]) -> tuple[pa.Table, pa.Array]:
-    """`frame` as `schema` (missing columns null) with our metadata, and the row order sorted by path.
+def _table(
+    frame: pd.DataFrame, schema: pa.Schema, metadata: dict[str, Any]
+) -> tuple[pa.Table, pa.Array, pa.Schema]:
+    """`frame`'s `schema` columns (missing ones null) as Arrow, the row order sorted by path, and `schema`
+    with our metadata: what `write_parquet` writes.
 
-    The table is not reordered here: `write_parquet` takes the sorted rows one row group at a time, so a
-    10M-row manifest is not held twice. Arrow's sort is stable, as `sort_values(kind="stable")` was.
+    The columns keep the types pandas holds them in (Arrow-backed strings stay `large_string`, categories
+    dictionaries) and are cast to `schema` one row group at a time as they are written: cast whole, a 10M-row
+    manifest's strings would be copied at once (0.7 GB). Nor is the table reordered here: the writer takes
+    the sorted rows a group at a time. Arrow's sort is stable, as `sort_values(kind="stable")` was.
     """
-    present = [f for f in schema if f.name in frame.columns]
-    given = pa.Table.from_pandas(
-        frame[[f.name for f in present]], schema=pa.schema(present), preserve_index=False
-    )
+    present = [f.name for f in schema if f.name in frame.columns]
+    given = pa.Table.from_pandas(frame[present], preserve_index=False)
     n = len(frame)
-    columns = [given.column(f.name) if f.name in frame.columns else pa.nulls(n, f.type) for f in schema]
+    columns = [given.column(f.name) if f.name in frame.columns else pa.nulls(n) for f in schema]
     meta = {
         b"maskdiet.version": __version__.encode(),
         b"maskdiet.written": dt.datetime.now(dt.UTC).isoformat().encode(),
     }
     for key, value in metadata.items():
         meta[f"maskdiet.{key}".encode()] = (value if isinstance(value, str) else json.dumps(value)).encode()
-    table = pa.Table.from_arrays(columns, schema=schema.with_metadata(meta))
+    table = pa.Table.from_arrays(columns, names=schema.names)
     order = pc.sort_indices(table, sort_keys=[("path", "ascending")])  # nulls last, as pandas put them
-    return table, order
+    return table, order, schema.with_metadata(meta)
 
 
-def _write_rows(sink: Any, table: pa.Table, order: pa.Array | None, compression: str) -> None:
-    with pq.ParquetWriter(sink, table.schema, compression=compression) as writer:
-        if order is None or len(table) == 0:
-            writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-            return
-        for start in range(0, len(order), ROW_GROUP_ROWS):
-            writer.write_table(table.take(order[start : start + ROW_GROUP_ROWS]))
+def _write_rows(
+    sink: Any, table: pa.Table, order: pa.Array | None, compression: str, schema: pa.Schema | None
+) -> None:
+    """`table`'s rows (in `order` when given) as `schema` (default: the table's), a row group at a time."""
+    schema = schema or table.schema
+    with pq.ParquetWriter(sink, schema, compression=compression) as writer:
+        if len(table) == 0:
+            writer.write_table(table.cast(schema))
+        for start in range(0, len(table), ROW_GROUP_ROWS):
+            rows = (
+                table.slice(start, ROW_GROUP_ROWS)
+                if order is None
+                else table.take(order[start : start + ROW_GROUP_ROWS])
+            )
+            writer.write_table(rows if rows.schema == schema else rows.cast(schema))
 
 
 def write_parquet(
@@ -103,9 +114,10 @@ def write_parquet(
     storage_options: dict[str, Any] | None = None,
     order: pa.Array | None = None,
     compression: str = "zstd",
+    schema: pa.Schema | None = None,
 ) -> None:
-    """Write `table` (its rows in `order` when given) to `url` so that a reader sees the old file or the
-    whole new one.
+    """Write `table` (its rows in `order` when given, cast to `schema` when given) to `url` so that a
+    reader sees the old file or the whole new one.
 
     Local files are streamed into a temporary sibling, fsynced and renamed (what `atomic_write_bytes` does
     with a body in memory): a 10M-row manifest is about 0.8 GB of Parquet, which the driver need not hold.
@@ -115,26 +127,26 @@ def write_parquet(
     fs, path = url_to_fs(url, storage_options)
     if not is_local(fs):
         buffer = io.BytesIO()
-        _write_rows(buffer, table, order, compression)
+        _write_rows(buffer, table, order, compression, schema)
         atomic_write_bytes(url, buffer.getvalue(), storage_options)
         return
     with atomic_local_file(path) as f:
-        _write_rows(f, table, order, compression)
+        _write_rows(f, table, order, compression, schema)
 
 
 def write_manifest(
     url: str, frame: pd.DataFrame, metadata: dict[str, Any], storage_options: dict[str, Any] | None = None
 ) -> None:
     """Write `frame` (columns of MANIFEST_SCHEMA; missing score columns become null) atomically to `url`."""
-    table, order = _table(frame, MANIFEST_SCHEMA, metadata)
-    write_parquet(url, table, storage_options, order)
+    table, order, schema = _table(frame, MANIFEST_SCHEMA, metadata)
+    write_parquet(url, table, storage_options, order, schema=schema)
 
 
 def write_quarantine(
     url: str, frame: pd.DataFrame, metadata: dict[str, Any], storage_options: dict[str, Any] | None = None
 ) -> None:
-    table, order = _table(frame, QUARANTINE_SCHEMA, metadata)
-    write_parquet(url, table, storage_options, order)
+    table, order, schema = _table(frame, QUARANTINE_SCHEMA, metadata)
+    write_parquet(url, table, storage_options, order, schema=schema)
 
 
 def manifest_frame(batch: Batch) -> pd.DataFrame:

@@ -85,27 +85,69 @@ class CacheHits:
             self.scores[name][query_rows] = cached[name].to_numpy()  # a null score becomes NaN
 
 
-def _pair_keys(rows: pa.Table) -> pa.ChunkedArray:
+def _pair_keys(sha256: pa.Array, labels: np.ndarray) -> pa.Array:
     """One string per row for the pair (sha256, label), `<sha256>/<label>` (a label has no `/`)."""
-    label = pc.cast(rows["label"], pa.large_string())
-    return pc.binary_join_element_wise(rows["sha256"], label, pa.scalar("/", pa.large_string()))
+    label = pc.cast(pa.array(labels), pa.large_string())
+    return pc.binary_join_element_wise(sha256, label, pa.scalar("/", pa.large_string()))
 
 
-def _match(query: pa.Table, group: pa.Table, found: np.ndarray) -> tuple[np.ndarray, pa.Table]:
-    """The query rows not yet `found` whose (sha256, label) pair `group` holds, and the scores of that
-    pair's latest row in the group (one row per query row, in the same order).
+def _latest_rows(keys: pa.Array, group_keys: pa.Array) -> np.ndarray:
+    """For each key, the index of its last occurrence in `group_keys`, or −1. `index_in` finds a key's first
+    occurrence, so the group's keys are searched backwards."""
+    backwards = pc.fill_null(pc.index_in(keys, value_set=group_keys[::-1]), -1).to_numpy()
+    return np.where(backwards >= 0, len(group_keys) - 1 - backwards.astype(np.int64), -1)
 
-    Two passes: `is_in` on sha256 alone picks the query rows that may match (a hash set of the group's
-    keys, probed by every query row), then an exact match on (sha256, label) over just those rows.
+
+def _match(
+    sha256: pa.Array, labels: np.ndarray, group_sha256: pa.Array, group_labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(query positions, group positions) of the query rows whose pair (sha256, label) the group holds,
+    each with that pair's latest row in the group.
+
+    One hash pass on sha256 alone finds each query row's latest group row with the same bytes; when that
+    row has the query's label, it is the answer (the common case, checked as integers). The rows whose bytes
+    the group holds under another label (rare: one image under two labels) are matched again on the pair,
+    among just those bytes' group rows.
     """
-    same_sha = pc.is_in(query["sha256"], value_set=group["sha256"]).to_numpy(zero_copy_only=False)
-    candidates = np.flatnonzero(same_sha & ~found)
-    # `index_in` finds a key's first occurrence, so the group's keys are searched backwards: a pair cached
-    # twice in the group finds its later row.
-    backwards = pc.index_in(_pair_keys(query.take(candidates)), value_set=_pair_keys(group)[::-1])
-    matched = candidates[backwards.is_valid().to_numpy(zero_copy_only=False)]
-    rows = len(group) - 1 - backwards.drop_null().to_numpy()
-    return matched, group.select(list(SCORES)).take(rows)  # not the keys: no strings copied
+    rows = _latest_rows(sha256, group_sha256)
+    candidates = np.flatnonzero(rows >= 0)
+    rows = rows[candidates]
+    same = group_labels[rows] == labels[candidates]
+    matched, rows = candidates[same], rows[same]
+    relabelled = candidates[~same]
+    if len(relabelled):
+        keys = sha256.take(relabelled)
+        near = np.flatnonzero(pc.is_in(group_sha256, value_set=keys).to_numpy(zero_copy_only=False))
+        pair_rows = _latest_rows(
+            _pair_keys(keys, labels[relabelled]), _pair_keys(group_sha256.take(near), group_labels[near])
+        )
+        hit = pair_rows >= 0
+        matched = np.concatenate([matched, relabelled[hit]])
+        rows = np.concatenate([rows, near[pair_rows[hit]]])
+    return matched, rows
+
+
+# Keys are split into buckets by their first character (a sha256's first hex digit; any other character
+# goes to the last bucket), so that the hash set `_match` builds holds a sixteenth of a row group, not all
+# of it: at 1Mi rows of 64-character keys that set costs ~250 MB.
+_HEX_DIGITS = pa.array(list("0123456789abcdef"), pa.large_string())
+BUCKETS = len(_HEX_DIGITS) + 1
+_BUCKET_SLICE = 1 << 20  # keys bucketed a slice at a time: no second copy of a 10M-row query
+
+
+def _buckets(keys: pa.Array) -> np.ndarray:
+    """Each key's bucket, 0..BUCKETS − 1 (nulls and empty keys: the last)."""
+    out = np.empty(len(keys), dtype=np.int8)
+    for start in range(0, len(keys), _BUCKET_SLICE):
+        first = pc.utf8_lower(pc.utf8_slice_codeunits(keys.slice(start, _BUCKET_SLICE), 0, 1))
+        digit = pc.fill_null(pc.index_in(first, value_set=_HEX_DIGITS), BUCKETS - 1)
+        out[start : start + len(first)] = digit.to_numpy()
+    return out
+
+
+def _rows_by_bucket(buckets: np.ndarray) -> list[np.ndarray]:
+    """The row indices of each bucket, ascending (int32: 4 bytes a query row, held through a lookup)."""
+    return [np.flatnonzero(buckets == b).astype(np.int32) for b in range(BUCKETS)]
 
 
 def scoring_key(config: Config, classes: list[str], task: str) -> str:
@@ -151,22 +193,37 @@ class ScoreCache:
         The result is aligned to the query and holds no keys, so a caller takes its hits and misses by a
         mask rather than merging on millions of strings (and no copy of the query's keys comes back).
         Memory stays small at 10M rows: the keys stay Arrow strings (never Python objects), and the cache
-        is read one Parquet row group at a time, newest first, each matched by `_match`. A query row found
+        is read one Parquet row group at a time, newest first, each matched by `_match` a bucket of keys at
+        a time (`_buckets`: their first hex digit). A query row found
         in a newer group is not matched again in older ones, so it gets its pair's latest cached row, as
         `read_all` would; every query row is matched on its own, so a repeated pair is a hit every time.
         """
-        query = pa.table(
-            {
-                "sha256": pc.cast(pa.array(sha256), pa.large_string()),
-                "label": pa.array(np.asarray(labels, dtype=np.int64)),
-            }
-        )
-        hits = CacheHits.none(len(query))
+        keys = pc.cast(pa.array(sha256), pa.large_string())
+        labels = np.asarray(labels, dtype=np.int64)
+        hits = CacheHits.none(len(labels))
+        query_buckets = _rows_by_bucket(_buckets(keys))
         for group in self._row_groups_newest_first():
             if hits.found.all():
                 break
-            hits.fill(*_match(query, group, hits.found))
-            del group  # before the next group is read: one group in memory at a time
+            group_sha256 = group["sha256"].combine_chunks()
+            group_labels = group["label"].to_numpy()
+            group_buckets = _rows_by_bucket(_buckets(group_sha256))
+            scores = group.select(list(SCORES))
+            for query_rows, group_rows in zip(query_buckets, group_buckets, strict=True):
+                query_rows = query_rows[~hits.found[query_rows]]
+                if len(query_rows) == 0 or len(group_rows) == 0:
+                    continue
+                matched, rows = _match(
+                    keys.take(query_rows),
+                    labels[query_rows],
+                    group_sha256.take(group_rows),
+                    group_labels[group_rows],
+                )
+                hits.fill(query_rows[matched], scores.take(group_rows[rows]))
+            # before the next group is read: one group in memory at a time (the labels are a view of it),
+            # and the allocator asked to hand the freed pages back (mimalloc keeps ~250 MB of them)
+            del group, group_sha256, group_labels, scores
+            pa.default_memory_pool().release_unused()
         return hits
 
     def _row_groups_newest_first(self) -> Iterator[pa.Table]:
@@ -174,10 +231,17 @@ class ScoreCache:
         `_SCHEMA`: shards in reverse write order, each one's groups from last to first."""
         for shard in reversed(self._shards()):
             with self.fs.open(shard, "rb") as f:
-                parquet = pq.ParquetFile(f)
-                for index in reversed(range(parquet.num_row_groups)):
-                    columns = list(CACHE_COLUMNS)  # a group is not kept here while the next is read
-                    yield parquet.read_row_group(index, columns=columns).select(columns).cast(_SCHEMA)
+                groups = pq.ParquetFile(f).num_row_groups
+            for index in reversed(range(groups)):
+                yield self._read_group(shard, index)  # no local name: the caller's reference is the only one
+
+    def _read_group(self, shard: str, index: int) -> pa.Table:
+        """One row group of `shard`. The file is opened for this group alone: an open `ParquetFile` keeps
+        the last group it read alive (127 MB at 1Mi rows), which would put two groups in memory while the
+        next one is read."""
+        columns = list(CACHE_COLUMNS)
+        with self.fs.open(shard, "rb") as f:
+            return pq.ParquetFile(f).read_row_group(index, columns=columns).select(columns).cast(_SCHEMA)
 
     def store(self, rows: pd.DataFrame, models: dict[str, Any] | None = None) -> None:
         """Append `rows` (CACHE_COLUMNS) as one new shard; save `models` when given."""

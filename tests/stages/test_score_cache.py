@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import s3fs
 from typer.testing import CliRunner
@@ -169,3 +170,13 @@ def test_curate_scores_only_cache_misses_on_s3(ray_cluster: None, s3_bucket: str
     fresh = third.manifest[third.manifest["path"].str.contains("/extra_")]
     assert len(fresh) == 20 and fresh["el2n"].between(0, math.sqrt(2)).all()
     assert fresh["forgetting"].isna().all()  # never seen in proxy training: no forgetting count
+
+
+def test_keys_bucket_by_their_first_hex_digit() -> None:
+    """The lookup matches a bucket at a time; every key has one bucket, whatever its characters."""
+    keys = pa.array(["0f", "9", "a1", "F2", "xyz", "", None, "e"], pa.large_string())
+    buckets = score_cache._buckets(keys)
+    assert buckets.tolist() == [0, 9, 10, 15, 16, 16, 16, 14]
+    rows = score_cache._rows_by_bucket(buckets)
+    assert len(rows) == score_cache.BUCKETS and sorted(np.concatenate(rows).tolist()) == list(range(8))
+    assert rows[16].tolist() == [4, 5, 6]
