@@ -31,7 +31,10 @@ A full run takes hours on a laptop, so it resumes: rerun the same command and ev
 reused (the scored manifests, and each arm and seed's `DIR/arms/<arm>-s<seed>/record.json`); an arm that
 was cut off starts again from scratch. `DIR/run.json` holds the settings the results depend on, and a
 rerun with other settings into the same DIR stops with an error instead of mixing them. Arms run seed by
-seed (every arm's seed 0 first), so a run stopped early still covers every arm.
+seed (every arm's seed 0 first), so a run stopped early still covers every arm. The fine-tune's settings
+(`evaluate.finetune_*`) are the exception: each record keeps the recipe its fine-tune was measured with,
+and a rerun with another recipe fine-tunes every finished arm's saved `encoder.pth` again (no
+pretraining), so a run made with `evaluate.finetune_epochs=0` can add the fine-tune later.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ METRICS = ("linear_probe", "finetune", "knn")  # the encoder's protocols (baseli
 TABLE_METRICS = (*METRICS, "supervised")  # + the supervised anchor (proxy trained on the kept set)
 RUN_NAME = "run.json"  # DIR/run.json: the settings every result under DIR was made with
 RECORD_NAME = "record.json"  # DIR/arms/<arm>-s<seed>/record.json: one finished arm and seed
+FINETUNE_PREFIX = "evaluate.finetune_"  # the fine-tune's settings: not part of what a run.json pins
 FULL_STEPS = 1500
 QUICK_STEPS = 300
 CURVE_POINTS = 4  # checkpoints evaluated per arm (each quarter of the budget): the compute-to-reach curve
@@ -158,10 +162,16 @@ def write_json(path: Path, value: Any) -> None:
     temporary.replace(path)
 
 
+def pretraining_sets(sets: list[str]) -> list[str]:
+    """The `--set` overrides the pretrained encoders depend on: all but the fine-tune's, which each record
+    carries itself (`finetune_recipe`) so that a rerun can add or redo the fine-tune on finished arms."""
+    return [s for s in sets if not s.startswith(FINETUNE_PREFIX)]
+
+
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every result under `--output` depends on (the arms and seeds may grow between reruns)."""
-    keys = ("data", "test", "noise", "noise_seed", "offset", "steps", "anchor_epochs", "sets")
-    return {key: getattr(args, key) for key in keys}
+    keys = ("data", "test", "noise", "noise_seed", "offset", "steps", "anchor_epochs")
+    return {**{key: getattr(args, key) for key in keys}, "sets": pretraining_sets(args.sets)}
 
 
 def claim_output(output: Path, settings: dict[str, Any]) -> None:
@@ -169,6 +179,7 @@ def claim_output(output: Path, settings: dict[str, Any]) -> None:
     path = output / RUN_NAME
     if path.exists():
         earlier = json.loads(path.read_text())
+        earlier["sets"] = pretraining_sets(earlier.get("sets", []))  # runs written before the split
         changed = sorted(k for k in settings.keys() | earlier.keys() if earlier.get(k) != settings.get(k))
         if changed:
             raise SystemExit(
@@ -306,18 +317,24 @@ def baseline_scores(evaluation: Evaluation) -> dict[str, dict[str, float | None]
     }
 
 
-def checkpoint_curve(run_dir: Path, evaluation: Evaluation) -> list[dict]:
+def checkpoint_curve(
+    run_dir: Path, evaluation: Evaluation, known: dict[int, dict] | None = None
+) -> list[dict]:
     """kNN and linear probe of every checkpoint the run kept, by step: how fast an arm's encoder improves
-    (what "compute to reach" reads). Probes only; the fine-tune is for the final encoder."""
+    (what "compute to reach" reads). Probes only; the fine-tune is for the final encoder. `known` maps a
+    step to its point when it was measured already (the final encoder is the last checkpoint's: probing
+    it twice cost ~30 s per arm)."""
     import torch
 
     from pipeline.evaluate import encoder_scores
     from pipeline.models.checkpoint import encoder_from_state
     from pipeline.models.mae import MaskedAutoencoder
 
-    curve = []
+    curve = list((known or {}).values())
     for state_file in sorted(run_dir.glob("checkpoints/*/checkpoint_*/state.pt")):
         state = torch.load(state_file, map_location="cpu", weights_only=False)
+        if int(state["step"]) in (known or {}):
+            continue
         model = MaskedAutoencoder(evaluation.size)
         model.load_state_dict(state["model"])
         encoder = encoder_from_state(evaluation.size, model.encoder_state_dict())
@@ -373,7 +390,7 @@ def run_arm(
     out = Path(args.output) / "arms" / f"{arm.name}-s{seed}"
     if (out / RECORD_NAME).exists():
         log.info("%s seed %d: reusing the record of an earlier run", arm.name, seed)
-        return json.loads((out / RECORD_NAME).read_text())
+        return refresh_finetune(json.loads((out / RECORD_NAME).read_text()), out, evaluation)
     if out.exists():  # cut off before its record: its checkpoints would resume mid-run, so start over
         log.info("%s seed %d: an earlier run stopped part-way; starting it again", arm.name, seed)
         shutil.rmtree(out)
@@ -402,6 +419,7 @@ def run_arm(
         "seed": seed,
         "linear_probe": final["probe"],
         "finetune": final["finetune"],
+        "finetune_recipe": finetune_recipe(evaluation.config),
         "knn": final["knn"],
         "supervised": supervised_anchor(pruned, labels, evaluation, args.anchor_epochs, seed)
         if args.anchor_epochs
@@ -411,9 +429,57 @@ def run_arm(
         "steps": trained.steps,
         "final_loss": trained.final_loss,
         "pretrain_seconds": round(pretrain_seconds, 1),
-        "curve": checkpoint_curve(out, evaluation),
+        "curve": checkpoint_curve(
+            out,
+            evaluation,
+            {trained.steps: {"step": trained.steps, "linear_probe": final["probe"], "knn": final["knn"]}},
+        ),
     }
     log.info("%s seed %d: %s", arm.name, seed, {k: record[k] for k in (*METRICS, "noisy_kept", "kept")})
+    write_json(out / RECORD_NAME, record)
+    return record
+
+
+def finetune_recipe(config: Any) -> dict[str, Any]:
+    """The settings a record's `finetune` was measured with (epochs 0: none was)."""
+    ev = config.evaluate
+    return {
+        "epochs": ev.finetune_epochs,
+        "lr": ev.finetune_lr,
+        "layer_decay": ev.finetune_layer_decay,
+        "batch_size": ev.finetune_batch_size,
+    }
+
+
+def refresh_finetune(record: dict, out: Path, evaluation: Evaluation) -> dict:
+    """A reused record whose fine-tune was measured with another recipe than this run's (or not at all)
+    gets this run's, from the arm's saved final encoder: a full run made without the fine-tune can add it
+    later without pretraining again. The record is rewritten; without `encoder.pth` that is an error."""
+    from pipeline.evaluate import split_finetune_accuracy
+    from pipeline.models.checkpoint import encoder_from_state, read_encoder_state
+
+    recipe = finetune_recipe(evaluation.config)
+    earlier = record.get("finetune_recipe", {"epochs": 0})  # records from before recipes were kept
+    if recipe["epochs"] == 0 or earlier == recipe:  # nothing asked, or measured already: keep it
+        return record
+    weights = out / "encoder.pth"
+    if not weights.exists():
+        raise SystemExit(
+            f"{out / RECORD_NAME} has no fine-tune with {recipe} and {weights} is gone: delete the record "
+            "to pretrain this arm again, or rerun with the recipe it was made with"
+        )
+    encoder = encoder_from_state(evaluation.size, read_encoder_state(str(weights)))
+    record["finetune"] = split_finetune_accuracy(
+        encoder, evaluation.split, evaluation.config, evaluation.device
+    )
+    record["finetune_recipe"] = recipe
+    log.info(
+        "%s seed %d: fine-tuned the saved encoder %s: %.4f",
+        record["arm"],
+        record["seed"],
+        recipe,
+        record["finetune"],
+    )
     write_json(out / RECORD_NAME, record)
     return record
 

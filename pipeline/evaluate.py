@@ -505,23 +505,32 @@ def encoder_scores(
     knn, probe = evaluate_features(train_x, train_y, test_x, test_y, config, device)
     scores: dict[str, float | None] = {"knn": knn, "probe": probe, "finetune": None}
     if finetune and ev.finetune_epochs > 0:
-        began = time.perf_counter()
-        scores["finetune"] = finetune_accuracy(
-            encoder,
-            split.train_images,
-            train_y,
-            split.test_images,
-            test_y,
-            epochs=ev.finetune_epochs,
-            lr=ev.finetune_lr,
-            layer_decay=ev.finetune_layer_decay,
-            batch=ev.finetune_batch_size,
-            pool=ev.pool,
-            seed=ev.seed,
-            device=device,
-        )
-        log.info("evaluate: fine-tune took %.1f s", time.perf_counter() - began)
+        scores["finetune"] = split_finetune_accuracy(encoder, split, config, device)
     return scores
+
+
+def split_finetune_accuracy(
+    encoder: MaskedAutoencoder, split: LabeledSplit, config: Config, device: torch.device
+) -> float:
+    """`finetune_accuracy` on `split` with the `evaluate.finetune_*` recipe (a copy of `encoder` trains)."""
+    ev = config.evaluate
+    began = time.perf_counter()
+    accuracy = finetune_accuracy(
+        encoder,
+        split.train_images,
+        torch.from_numpy(split.train_labels),
+        split.test_images,
+        torch.from_numpy(split.test_labels),
+        epochs=ev.finetune_epochs,
+        lr=ev.finetune_lr,
+        layer_decay=ev.finetune_layer_decay,
+        batch=ev.finetune_batch_size,
+        pool=ev.pool,
+        seed=ev.seed,
+        device=device,
+    )
+    log.info("evaluate: fine-tune took %.1f s", time.perf_counter() - began)
+    return accuracy
 
 
 def pixel_scores(split: LabeledSplit, config: Config, device: torch.device) -> dict[str, float]:

@@ -80,7 +80,7 @@ def test_curation_pays_runs_end_to_end_on_tiny_inputs(tmp_path: Path, ray_cluste
         assert 0 <= arm["noisy_kept"] <= noisy
         for metric in ("linear_probe", "finetune", "knn", "supervised"):
             assert 0.0 <= arm[metric] <= 1.0
-        # a checkpoint at each quarter of the 4 steps, each probed; the last is the final encoder's
+        # a checkpoint at each quarter of the 4 steps; the last is the final encoder, measured once
         assert [p["step"] for p in arm["curve"]] == [1, 2, 3, 4]
         assert arm["curve"][-1]["linear_probe"] == arm["linear_probe"]
         assert arm["curve"][-1]["knn"] == arm["knn"]
@@ -116,3 +116,21 @@ def test_curation_pays_runs_end_to_end_on_tiny_inputs(tmp_path: Path, ray_cluste
     assert reused == next(a for a in written["arms"] if a["arm"] == "full")
     with pytest.raises(SystemExit, match="steps differ"):  # other settings never mix into these results
         load_script().main([*args[: args.index("--steps") + 1], "5", *args[args.index("--steps") + 2 :]])
+
+    # Another fine-tune recipe: every finished arm's saved encoder is fine-tuned again, nothing pretrains.
+    manifest = out / "arms" / "full-s0" / "manifest.parquet"
+    pretrained = manifest.stat().st_mtime_ns
+    other = [*args, "--set", "evaluate.finetune_epochs=2"]
+    refreshed = {a["arm"]: a for a in load_script().main(other)["arms"]}
+    assert manifest.stat().st_mtime_ns == pretrained  # the arm was not pruned or pretrained again
+    for name, arm in refreshed.items():
+        assert arm["finetune_recipe"]["epochs"] == 2
+        assert 0.0 <= arm["finetune"] <= 1.0
+        before = next(a for a in rerun["arms"] if a["arm"] == name)
+        assert before["finetune_recipe"]["epochs"] == 1
+        assert arm["linear_probe"] == before["linear_probe"] and arm["curve"] == before["curve"]
+    on_disk = json.loads((out / "arms" / "full-s0" / "record.json").read_text())
+    assert on_disk["finetune_recipe"]["epochs"] == 2
+    (out / "arms" / "full-s0" / "encoder.pth").unlink()
+    with pytest.raises(SystemExit, match=r"encoder\.pth is gone"):
+        load_script().main([*args, "--set", "evaluate.finetune_epochs=3"])
