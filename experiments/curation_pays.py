@@ -330,10 +330,11 @@ def checkpoint_curve(
     from pipeline.models.checkpoint import encoder_from_state
     from pipeline.models.mae import MaskedAutoencoder
 
-    curve = list((known or {}).values())
+    known = known or {}
+    curve = list(known.values())
     for state_file in sorted(run_dir.glob("checkpoints/*/checkpoint_*/state.pt")):
         state = torch.load(state_file, map_location="cpu", weights_only=False)
-        if int(state["step"]) in (known or {}):
+        if int(state["step"]) in known:
             continue
         model = MaskedAutoencoder(evaluation.size)
         model.load_state_dict(state["model"])
