@@ -10,7 +10,7 @@ Near-duplicates are found on pixels, not on learned features: a classifier's fea
 class close together, so a cosine threshold there would merge distinct images. Each image becomes a
 16×16 grey thumbnail with its mean removed (so brightness and contrast shifts, re-encoding and small
 resizes do not matter) and images with cosine similarity ≥ `score.duplicate_threshold` share a group
-(transitively). The comparison is all-pairs in blocks: O(N²) time, O(block·N) memory.
+(transitively). The comparison is all-pairs in square tiles: O(N²) time, O(block²) memory.
 
 Both are global, so they run as all-to-all stages: `DuplicateGroups` here, and the prototype distance inside
 `stages.score.ScoreStage` (its k-means prototypes are cached with the proxies, so it lives with them).
@@ -149,15 +149,16 @@ def thumbnail_groups(
     t = torch.as_tensor(np.asarray(thumbs, dtype=np.float32), device=device)
     parent = np.arange(n)
     for start in range(0, n, block):
-        sims = t[start : start + block] @ t[start:].T  # (b, N − start)
-        rows, cols = (v.cpu().numpy() for v in torch.nonzero(sims >= threshold, as_tuple=True))
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            i, j = start + r, start + c
-            if j <= i:
-                continue
-            a, b = _find(parent, i), _find(parent, j)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
+        for column in range(start, n, block):  # square tiles: memory O(block²) however large N grows
+            sims = t[start : start + block] @ t[column : column + block].T
+            rows, cols = (v.cpu().numpy() for v in torch.nonzero(sims >= threshold, as_tuple=True))
+            for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+                i, j = start + r, column + c
+                if j <= i:
+                    continue
+                a, b = _find(parent, i), _find(parent, j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
     groups = np.asarray([_find(parent, i) for i in range(n)], dtype=np.int64)
     log.info("near-duplicates: %d images in %d groups", int((groups != np.arange(n)).sum()), _multi(groups))
     return groups

@@ -16,7 +16,15 @@ from pipeline.core.config import load_config
 from pipeline.curate import Decoded
 from pipeline.demo_data import DemoSpec, write_demo_data
 from stages.base import check_chain
-from stages.embed import DuplicateGroups, kmeans, near_duplicate_groups, nearest, prototype_scores, thumbnails
+from stages.embed import (
+    DuplicateGroups,
+    kmeans,
+    near_duplicate_groups,
+    nearest,
+    prototype_scores,
+    thumbnail_groups,
+    thumbnails,
+)
 from stages.pixels import PixelChunks
 from stages.score import ScoreOutcome, ScoreStage, score_images
 
@@ -75,6 +83,20 @@ def test_near_duplicates_survive_reencoding_and_brightness(tmp_path: Path) -> No
     assert groups[0] == 0 and groups[1] == 1 and groups[2] == 2  # the first member names the group
     distinct = groups[:n] != np.arange(n)
     assert distinct.sum() <= 2, f"distinct renders grouped: {np.flatnonzero(distinct)}"
+
+
+def test_duplicate_tiles_give_the_groups_of_one_pass() -> None:
+    """Tiles smaller than the set (memory O(block²)) find the pairs that straddle tiles, chains included,
+    as one all-pairs pass does."""
+    rng = np.random.default_rng(3)
+    thumbs = rng.normal(size=(50, 32)).astype(np.float32)
+    thumbs[[17, 41]] = thumbs[3] + rng.normal(0, 0.01, size=(2, 32))  # one group across three tiles
+    thumbs[49] = thumbs[48]
+    thumbs /= np.linalg.norm(thumbs, axis=1, keepdims=True)
+    one_pass = thumbnail_groups(thumbs, threshold=0.98, block=64)
+    assert one_pass[[3, 17, 41]].tolist() == [3, 3, 3] and one_pass[49] == 48
+    for block in (7, 16):
+        np.testing.assert_array_equal(thumbnail_groups(thumbs, threshold=0.98, block=block), one_pass)
 
 
 def test_torch_kmeans_finds_what_scikit_learn_finds() -> None:
