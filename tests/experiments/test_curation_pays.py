@@ -52,6 +52,44 @@ def test_label_flips_are_reproducible_and_always_change_the_class() -> None:
     assert not first.equals(script.noisy_labels(paths, names, 0.2, seed=4))
 
 
+def test_the_recipe_comes_first_and_the_users_settings_win() -> None:
+    script = load_script()
+    base = ["--data", "/d/train", "--test", "/d/test", "--output", "/d/out"]
+    args = script.parse_args([*base, "--set", "pretrain.base_lr=1e-3", "--set", "evaluate.finetune_epochs=0"])
+    assert args.sets[: len(script.RECIPE)] == list(script.RECIPE)
+    pinned = script.pretraining_sets(args.sets)
+    assert pinned["pretrain.base_lr"] == "1e-3" and pinned["pretrain.batch_size"] == "128"
+    assert not any(key.startswith("evaluate.finetune_") for key in pinned)  # each record keeps its own
+    with pytest.raises(SystemExit):
+        script.parse_args([*base, "--set", "pretrain.base_lr"])
+
+
+def test_the_committed_full_run_resumes_with_its_documented_command(tmp_path: Path) -> None:
+    """experiments/README.md's command, with its settings now partly the script's recipe, still matches
+    the run.json committed with the full run (written before the recipe, as a list of `--set`s), so its
+    records can be reused; a changed setting is still refused."""
+    script = load_script()
+    committed = SCRIPT.parent / "results" / "full-3seeds" / "resume" / "run.json"
+    (tmp_path / script.RUN_NAME).write_text(committed.read_text())
+    shortest = [
+        *("--data", "/tmp/fm/train", "--test", "/tmp/fm/test", "--noise", "0.2", "--keep", "0.6,0.4"),
+        *("--seeds", "3", "--output", str(tmp_path)),
+        *as_sets({"ray.num_cpus": 2, "ray.include_dashboard": "false", "decode.image_size": 28}),
+    ]
+    documented = [
+        *shortest,
+        *("--steps", "600"),
+        *as_sets({"pretrain.batch_size": 128, "pretrain.base_lr": "3e-3", "pretrain.warmup_steps": 60}),
+        *as_sets({"evaluate.finetune_epochs": 3, "evaluate.finetune_lr": "1e-3"}),
+        *as_sets({"evaluate.finetune_batch_size": 64}),
+    ]
+    for command in (documented, shortest):  # the second leaves the steps and the recipe to the defaults
+        script.claim_output(tmp_path, script.run_settings(script.parse_args(command)))
+    with pytest.raises(SystemExit, match="sets differ"):
+        changed = script.parse_args([*documented, "--set", "pretrain.warmup_steps=30"])
+        script.claim_output(tmp_path, script.run_settings(changed))
+
+
 @pytest.mark.slow
 def test_curation_pays_runs_end_to_end_on_tiny_inputs(tmp_path: Path, ray_cluster: None) -> None:
     from pipeline.demo_data import DemoSpec, write_demo_data
