@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import ray
@@ -114,7 +114,19 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Ten
     return torch.stack(centres)
 
 
-def thumbnails(images: np.ndarray, side: int = 16) -> np.ndarray:
+THUMBNAIL_SIDE = 16
+THUMBNAIL_WIDTH = THUMBNAIL_SIDE**2
+
+
+class Rows(Protocol):
+    """Rows read by index where they are kept (`stages.pixels.StoredRows`: in the object store)."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+def thumbnails(images: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
     """(N, S, S, 3) uint8 → (N, side²) float32: grey, area-downsampled, mean removed, unit L2 norm."""
     x = torch.from_numpy(np.asarray(images).astype(np.float32)).mean(-1)[:, None]  # (N, 1, S, S)
     x = F.adaptive_avg_pool2d(x, side).reshape(len(images), -1)  # (N, side²)
@@ -133,24 +145,32 @@ def near_duplicate_groups(images: np.ndarray, threshold: float, block: int = 204
     """Group id per image (N,) int64: the smallest row index in its near-duplicate group (its own index
     when it has no near-duplicate). Flat images (no contrast) are never grouped."""
     return thumbnail_groups(
-        thumbnails(images) if len(images) else np.zeros((0, 256), np.float32), threshold, block
+        thumbnails(images) if len(images) else np.zeros((0, THUMBNAIL_WIDTH), np.float32), threshold, block
     )
 
 
+def _tile(thumbs: np.ndarray | Rows, start: int, stop: int, device: str) -> torch.Tensor:
+    """Rows start..stop − 1 of `thumbs` as a float32 tensor on `device`."""
+    stop = min(stop, len(thumbs))
+    rows = thumbs[start:stop] if isinstance(thumbs, np.ndarray) else thumbs.take(np.arange(start, stop))
+    return torch.as_tensor(np.asarray(rows, dtype=np.float32), device=device)
+
+
 def thumbnail_groups(
-    thumbs: np.ndarray, threshold: float, block: int = 2048, device: str = "cpu"
+    thumbs: np.ndarray | Rows, threshold: float, block: int = 2048, device: str = "cpu"
 ) -> np.ndarray:
-    """`near_duplicate_groups` from the images' `thumbnails` (N, D), computed where the pixels are. The
-    similarities are computed block by block on `device` (a GPU with `score.use_gpu`); only the pairs over
-    the threshold come back."""
+    """`near_duplicate_groups` from the images' `thumbnails` (N, D): an array, or rows kept in the object
+    store (`stages.pixels.StoredRows`), read a tile at a time. The similarities are computed tile by tile
+    on `device` (a GPU with `score.use_gpu`); only the pairs over the threshold come back."""
     n = len(thumbs)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    t = torch.as_tensor(np.asarray(thumbs, dtype=np.float32), device=device)
     parent = np.arange(n)
     for start in range(0, n, block):
+        left = _tile(thumbs, start, start + block, device)
         for column in range(start, n, block):  # square tiles: memory O(block²) however large N grows
-            sims = t[start : start + block] @ t[column : column + block].T
+            right = left if column == start else _tile(thumbs, column, column + block, device)
+            sims = left @ right.T
             rows, cols = (v.cpu().numpy() for v in torch.nonzero(sims >= threshold, as_tuple=True))
             for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
                 i, j = start + r, column + c

@@ -28,9 +28,27 @@ import ray
 import torch
 
 from stages.base import ALL_TO_ALL, Batch, Stage
-from stages.embed import thumbnails
+from stages.embed import THUMBNAIL_WIDTH, thumbnails
 
 LAYOUT_SEED = 0  # the permutation that deals rows into chunks; fixed, so reruns deal the same chunks
+
+
+def gather(
+    sources: Sequence[ray.ObjectRef],
+    where_ref: ray.ObjectRef,
+    rows: np.ndarray,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+) -> np.ndarray:
+    """Rows of arrays kept in the object store as `sources`, row r being sources[where[r, 0]][where[r, 1]]:
+    (len(rows), *shape) in the order of `rows`, read source by source."""
+    rows = np.asarray(rows, dtype=np.int64)
+    where = ray.get(where_ref)[rows]
+    out = np.empty((len(rows), *shape), dtype=dtype)
+    for s in np.unique(where[:, 0]):
+        mine = np.flatnonzero(where[:, 0] == s)
+        out[mine] = ray.get(sources[int(s)])[where[mine, 1]]
+    return out
 
 
 def chunk_layout(n: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,13 +109,8 @@ class PixelChunks:
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The pixels of `rows`, in their order: (len(rows), S, S, 3), gathered source by source. Holds all
         of them at once: for a batch or a window, not for the whole set."""
-        rows = np.asarray(rows, dtype=np.int64)
-        where = ray.get(self.where_ref)[rows]
-        out = np.empty((len(rows), self.image_size, self.image_size, 3), dtype=np.uint8)
-        for s in np.unique(where[:, 0]):
-            mine = np.flatnonzero(where[:, 0] == s)
-            out[mine] = ray.get(self.sources[int(s)])[where[mine, 1]]
-        return out
+        shape = (self.image_size, self.image_size, 3)
+        return gather(self.sources, self.where_ref, rows, shape, np.dtype(np.uint8))
 
     def iter_rows(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(rows held by one source, their pixels) for the sources that hold `rows`, one source read at a
@@ -112,6 +125,43 @@ class PixelChunks:
         """`rows` reordered source by source (a block of them then reads few sources)."""
         rows = np.asarray(rows, dtype=np.int64)
         return rows[np.argsort(self.source_of(rows), kind="stable")]
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """N rows of width `width` (float32) kept in the object store as the pieces they were computed in,
+    read a range at a time: each image's near-duplicate thumbnail, computed beside its stored batch of
+    pixels. Gathered on the driver they would cost 1 KB an image (1 GB per million), the largest thing it
+    held; the duplicate search reads them a tile at a time instead (`stages.embed.thumbnail_groups`)."""
+
+    sources: tuple[ray.ObjectRef, ...]  # each (n_b, width) float32
+    where_ref: ray.ObjectRef  # (N, 2) int64, as `PixelChunks.where_ref`
+    count: int
+    width: int
+
+    @classmethod
+    def from_array(cls, rows: np.ndarray, piece_rows: int = 4096) -> StoredRows:
+        """An array already in memory (tests, small callers), put in pieces of `piece_rows` rows."""
+        rows = np.asarray(rows, dtype=np.float32)
+        n = len(rows)
+        sources = [ray.put(np.ascontiguousarray(rows[s : s + piece_rows])) for s in range(0, n, piece_rows)]
+        where = np.stack([np.arange(n) // piece_rows, np.arange(n) % piece_rows], axis=1).reshape(n, 2)
+        return cls(tuple(sources), ray.put(where.astype(np.int64)), n, int(rows.shape[1]))
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.count, self.width
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), width) float32, in the order of `rows`."""
+        return gather(self.sources, self.where_ref, rows, (self.width,), np.dtype(np.float32))
+
+    def to_numpy(self) -> np.ndarray:
+        """Every row at once (tests and small sets)."""
+        return self.take(np.arange(self.count))
 
 
 @dataclass(frozen=True)
@@ -152,7 +202,8 @@ class PixelStore(Stage):
     `path`, `ok` and `image`), so the driver never holds more than one batch of pixels. Called on the
     gathered rows (every decodable row, sorted by path), it lays what it stored out as `PixelChunks` in the
     rows' order and adds the columns `pixels` (those) and `thumbnail` (each row's near-duplicate thumbnail,
-    computed by a Ray task per stored batch). Global because the layout follows the order of every row.
+    computed by a Ray task per stored batch and left in the object store: `StoredRows`). Global because the
+    layout follows the order of every row.
     """
 
     name = "store-pixels"
@@ -177,11 +228,13 @@ class PixelStore(Stage):
 
     def finish(self, order: Sequence[str]) -> Batch:
         """`pixels` (PixelChunks, one row per path of `order`, which names stored images once each) and
-        `thumbnail` (N, 256) float32 in `order`. The store is then empty (the pixels live on in `pixels`)."""
+        `thumbnail` (StoredRows, (N, 256) float32 in `order`). The store is then empty (the pixels live on in
+        `pixels`)."""
         refs, paths, self.refs, self.paths = self.refs, self.paths, [], []
         if not len(order):
             empty = np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
-            return {"pixels": PixelChunks.from_array(empty), "thumbnail": np.zeros((0, 256), np.float32)}
+            no_rows = StoredRows.from_array(np.zeros((0, THUMBNAIL_WIDTH), np.float32))
+            return {"pixels": PixelChunks.from_array(empty), "thumbnail": no_rows}
         found = pd.DataFrame(
             {
                 "source": np.concatenate([np.full(len(p), i) for i, p in enumerate(paths)]),
@@ -190,8 +243,8 @@ class PixelStore(Stage):
             index=pd.Index(np.concatenate(paths), name="path"),
         ).loc[list(order)]
         where = found[["source", "local"]].to_numpy(dtype=np.int64)
-        offsets = np.cumsum([0, *[len(p) for p in paths]])
-        every = np.concatenate(ray.get([_thumbnails.remote(ref) for ref in refs]))  # stored order
-        thumbnail = every[offsets[where[:, 0]] + where[:, 1]]
         pixels = PixelChunks.build(refs, where, self.chunk_rows, self.image_size)
+        pieces = [_thumbnails.remote(ref) for ref in refs]  # one per stored batch, row for row with it
+        ray.wait(pieces, num_returns=len(pieces), fetch_local=False)  # computed now, not at the first read
+        thumbnail = StoredRows(tuple(pieces), pixels.where_ref, len(where), THUMBNAIL_WIDTH)
         return {"pixels": pixels, "thumbnail": thumbnail}

@@ -25,7 +25,7 @@ from stages.embed import (
     thumbnail_groups,
     thumbnails,
 )
-from stages.pixels import PixelChunks
+from stages.pixels import PixelChunks, StoredRows
 from stages.score import ScoreOutcome, ScoreStage, score_images
 
 
@@ -97,6 +97,22 @@ def test_duplicate_tiles_give_the_groups_of_one_pass() -> None:
     assert one_pass[[3, 17, 41]].tolist() == [3, 3, 3] and one_pass[49] == 48
     for block in (7, 16):
         np.testing.assert_array_equal(thumbnail_groups(thumbs, threshold=0.98, block=block), one_pass)
+
+
+def test_duplicates_read_from_the_object_store_match_the_array(ray_cluster: None) -> None:
+    """Thumbnails kept in the object store in pieces (as curation keeps them, off the driver) and read a
+    tile at a time give the groups of the array in memory, tiles straddling the pieces."""
+    rng = np.random.default_rng(4)
+    thumbs = rng.normal(size=(40, 32)).astype(np.float32)
+    thumbs[[9, 33]] = thumbs[2]
+    thumbs /= np.linalg.norm(thumbs, axis=1, keepdims=True)
+    stored = StoredRows.from_array(thumbs, piece_rows=6)
+    expected = thumbnail_groups(thumbs, threshold=0.98)
+    assert expected[[2, 9, 33]].tolist() == [2, 2, 2]
+    np.testing.assert_array_equal(thumbnail_groups(stored, threshold=0.98, block=16), expected)
+    stage = DuplicateGroups(0.98)
+    groups = stage({"path": np.arange(40).astype(str).astype(object), "thumbnail": stored})["duplicate_group"]
+    np.testing.assert_array_equal(groups, expected)
 
 
 def test_torch_kmeans_finds_what_scikit_learn_finds() -> None:

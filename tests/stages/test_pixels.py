@@ -47,7 +47,9 @@ def test_chunks_follow_path_order_whatever_the_arrival(ray_cluster: None) -> Non
     assert np.array_equal(a["pixels"].take(np.arange(50)), images)  # row i is path i, however it arrived
     for c in range(a["pixels"].chunk_count):
         assert np.array_equal(a["pixels"].chunk_rows(c), b["pixels"].chunk_rows(c))  # the same layout
-    np.testing.assert_allclose(a["thumbnail"], thumbnails(images), rtol=1e-6)
+    assert a["thumbnail"].shape == (50, 256)  # kept in the object store, row for row with the paths
+    np.testing.assert_allclose(a["thumbnail"].to_numpy(), thumbnails(images), rtol=1e-6)
+    np.testing.assert_allclose(a["thumbnail"].take(np.asarray([7, 0])), thumbnails(images[[7, 0]]), rtol=1e-6)
     assert a["path"].tolist() == sorted(paths)  # the rows pass through
 
 
