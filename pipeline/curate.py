@@ -10,8 +10,8 @@ needs a column no earlier stage makes fails there, not in the middle of the run)
 stages that stream through Ray Data in parallel; the driver then gathers the decodable rows' metadata and
 runs the all-to-all stages over all of them at once. When a score is asked for, the decoded pixels the
 proxies train on never gather there: each batch goes to the object store as it streams past, once, and is
-read through a chunk layout over the rows (`stages.pixels.PixelStore`); the driver holds their references
-and thumbnails.
+read through a chunk layout over the rows (`stages.pixels.PixelStore`); the driver holds their references,
+and those of the near-duplicate thumbnails stored beside them.
 """
 
 from __future__ import annotations
