@@ -51,6 +51,15 @@ def gather(
     return out
 
 
+def put_in_pieces(array: np.ndarray, piece_rows: int) -> tuple[list[ray.ObjectRef], np.ndarray]:
+    """`array` (N, ...) put in the object store in pieces of `piece_rows` rows: the pieces, and where each
+    row went, (N, 2) int64 = (piece, index in it), as `gather` reads it."""
+    n = len(array)
+    pieces = [ray.put(np.ascontiguousarray(array[s : s + piece_rows])) for s in range(0, n, piece_rows)]
+    rows = np.arange(n, dtype=np.int64)
+    return pieces, np.stack([rows // piece_rows, rows % piece_rows], axis=1).reshape(n, 2)
+
+
 def chunk_layout(n: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Which rows each chunk holds: `members` (a seeded permutation of 0..n−1) and `starts` (C + 1,), chunk c
     holding rows members[starts[c]:starts[c + 1]]."""
@@ -85,11 +94,9 @@ class PixelChunks:
     def from_array(cls, images: np.ndarray, chunk_rows: int = 512) -> PixelChunks:
         """An array already in memory (tests, small callers), put in pieces of `chunk_rows` rows."""
         images = np.asarray(images, dtype=np.uint8)
-        n = len(images)
-        sources = [ray.put(np.ascontiguousarray(images[s : s + chunk_rows])) for s in range(0, n, chunk_rows)]
-        where = np.stack([np.arange(n) // chunk_rows, np.arange(n) % chunk_rows], axis=1)
+        sources, where = put_in_pieces(images, chunk_rows)
         size = int(images.shape[1]) if images.ndim == 4 else 0
-        return cls.build(sources, where.reshape(n, 2), chunk_rows, size)
+        return cls.build(sources, where, chunk_rows, size)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -143,10 +150,8 @@ class StoredRows:
     def from_array(cls, rows: np.ndarray, piece_rows: int = 4096) -> StoredRows:
         """An array already in memory (tests, small callers), put in pieces of `piece_rows` rows."""
         rows = np.asarray(rows, dtype=np.float32)
-        n = len(rows)
-        sources = [ray.put(np.ascontiguousarray(rows[s : s + piece_rows])) for s in range(0, n, piece_rows)]
-        where = np.stack([np.arange(n) // piece_rows, np.arange(n) % piece_rows], axis=1).reshape(n, 2)
-        return cls(tuple(sources), ray.put(where.astype(np.int64)), n, int(rows.shape[1]))
+        sources, where = put_in_pieces(rows, piece_rows)
+        return cls(tuple(sources), ray.put(where), len(rows), int(rows.shape[1]))
 
     def __len__(self) -> int:
         return self.count
