@@ -242,8 +242,32 @@ def train_proxy(
 
     `on_epoch` gets a `ProxyTraining` after every epoch (a Ray Train job checkpoints it); given one as
     `resume`, training goes on from its epoch and ends as the uninterrupted run would (same result on CPU).
+    torch runs `spec.threads` intra-op threads while it trains, and the caller's count after.
     """
-    torch.set_num_threads(spec.threads)
+    with intra_op_threads(spec.threads):
+        return _train_proxy(images, labels, spec, seed, resume, on_epoch)
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count is process-wide: set it for the block, then give the caller back its
+    own (a proxy trained in a driver must not leave the rest of the driver on one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_proxy(
+    images: RowWindows,
+    labels: np.ndarray,
+    spec: ProxySpec,
+    seed: int,
+    resume: ProxyTraining | None,
+    on_epoch: Callable[[ProxyTraining], None] | None,
+) -> ProxyResult:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = torch.device(spec.device)

@@ -73,3 +73,20 @@ def test_a_resumed_proxy_ends_as_the_uninterrupted_one() -> None:
         np.testing.assert_array_equal(resumed.forgetting, straight.forgetting)
         for name, value in straight.state.items():
             assert torch.equal(resumed.state[name], value), name
+
+
+def test_training_a_proxy_gives_the_caller_its_thread_count_back() -> None:
+    """A proxy trained in a driver (the experiment's supervised anchor) ran the driver's later fine-tunes
+    on one thread; torch's count is process-wide, so `train_proxy` must restore it."""
+    labels = np.repeat([0, 1], 8)
+    images = np.random.default_rng(2).integers(0, 256, size=(16, 12, 12, 3), dtype=np.uint8)
+    spec = ProxySpec(
+        "cnn-small", 2, epochs=1, batch_size=8, lr=0.05, weight_decay=0.0, augment=False, threads=1
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_proxy(ArrayWindows(images, size=16), labels, spec, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
