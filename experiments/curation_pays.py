@@ -14,7 +14,7 @@
    the prototype distance) at the first keep.
 4. Every arm pretrains the same model for the same steps and batch (`RECIPE`, then `--set`), once per
    seed (`pretrain.seed` and the random policy's seed), keeping a checkpoint at each quarter of the
-   budget, and is evaluated on the clean `--test` folder (kNN, linear probe, fine-tune), the probes
+   budget (`--quick`: each half), and is evaluated on the clean `--test` folder (kNN, linear probe, fine-tune), the probes
    learning from the training folder's true labels, never the flipped ones. The raw-pixel and random-init
    baselines are measured once, on the same decoded split.
 5. Compute to reach: each arm's checkpoints are probed, and `steps_to_full` is the first checkpoint step
@@ -26,6 +26,9 @@
 Writes `DIR/curation_pays.json` ({"arms": [...], "baselines": {"pixels", "random_init"}, "settings"}),
 `DIR/curation_pays.md` (mean ± std per arm) and `DIR/curation_pays.png` (accuracy vs keep, per policy).
 One Ray session serves the whole script.
+
+`--quick` is a check that every step runs (one seed, 100 steps, no fine-tune: about 12 minutes on 2 cores
+for 3,000 training images); its encoders are too short-trained to say whether curation pays.
 
 A full run takes hours on a laptop, so it resumes: rerun the same command and every finished step is
 reused (the scored manifests, and each arm and seed's `DIR/arms/<arm>-s<seed>/record.json`); an arm that
@@ -45,7 +48,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +66,6 @@ RUN_NAME = "run.json"  # DIR/run.json: the settings every result under DIR was m
 RECORD_NAME = "record.json"  # DIR/arms/<arm>-s<seed>/record.json: one finished arm and seed
 FINETUNE_PREFIX = "evaluate.finetune_"  # the fine-tune's settings: not part of what a run.json pins
 FULL_STEPS = 600
-QUICK_STEPS = 300
 # The recipe the committed full run was made with (experiments/README.md says how each part was picked),
 # applied before the user's `--set`, which win. The config's own defaults are MAE's: their peak lr of
 # 3.75e-5 at batch 64 gives an encoder that loses to raw pixels here, so a run with them says nothing
@@ -78,6 +80,14 @@ RECIPE = (
 )
 CURVE_POINTS = 4  # checkpoints evaluated per arm (each quarter of the budget): the compute-to-reach curve
 ANCHOR_EPOCHS = 15  # supervised anchor: proxy epochs on each kept set (the scores use score.epochs)
+# `--quick` checks in minutes that every step runs, end to end: one seed, a sixth of the budget, two
+# probed checkpoints, a short anchor and no fine-tune (QUICK_RECIPE: after RECIPE, before `--set`, so
+# `--set evaluate.finetune_epochs=1` adds one back). Its encoders are too briefly trained to beat even
+# their random initialisation, so its table says nothing about whether curation pays for pretraining.
+QUICK_STEPS = 100
+QUICK_CURVE_POINTS = 2
+QUICK_ANCHOR_EPOCHS = 3
+QUICK_RECIPE = ("evaluate.finetune_epochs=0",)
 
 
 @dataclass(frozen=True)
@@ -104,15 +114,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--offset", type=float, default=None, help="EL2N offset: hardest share dropped (default: --noise)"
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3; --quick: 1)")
-    p.add_argument("--quick", action="store_true", help=f"one seed, {QUICK_STEPS} steps")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a check that everything runs: one seed, {QUICK_STEPS} steps, {QUICK_CURVE_POINTS} probed "
+        f"checkpoints, a {QUICK_ANCHOR_EPOCHS}-epoch anchor, no fine-tune (QUICK_RECIPE)",
+    )
     p.add_argument(
         "--steps", type=int, default=None, help=f"pretraining steps per arm (default {FULL_STEPS})"
     )
     p.add_argument(
         "--anchor-epochs",
         type=int,
-        default=ANCHOR_EPOCHS,
-        help=f"epochs of the supervised anchor per arm (default {ANCHOR_EPOCHS}; 0: skip it)",
+        default=None,
+        help=f"epochs of the supervised anchor per arm (default {ANCHOR_EPOCHS}, --quick "
+        f"{QUICK_ANCHOR_EPOCHS}; 0: skip it)",
     )
     p.add_argument("--policies", default=",".join(POLICIES), help=f"arms to run, of {','.join(POLICIES)}")
     p.add_argument(
@@ -138,8 +154,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--noise takes a fraction in [0, 1)")
     if args.quick:
         args.seeds = 1
-    args.sets = [*RECIPE, *args.sets]
+    args.sets = [*RECIPE, *(QUICK_RECIPE if args.quick else ()), *args.sets]
     args.steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
+    args.curve_points = QUICK_CURVE_POINTS if args.quick else CURVE_POINTS
+    if args.anchor_epochs is None:
+        args.anchor_epochs = QUICK_ANCHOR_EPOCHS if args.quick else ANCHOR_EPOCHS
     args.offset = args.noise if args.offset is None else args.offset
     return args
 
@@ -195,7 +214,7 @@ def pretraining_sets(sets: list[str]) -> dict[str, str]:
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every result under `--output` depends on (the arms and seeds may grow between reruns)."""
-    keys = ("data", "test", "noise", "noise_seed", "offset", "steps", "anchor_epochs")
+    keys = ("data", "test", "noise", "noise_seed", "offset", "steps", "curve_points", "anchor_epochs")
     return {**{key: getattr(args, key) for key in keys}, "sets": pretraining_sets(args.sets)}
 
 
@@ -206,6 +225,7 @@ def claim_output(output: Path, settings: dict[str, Any]) -> None:
         earlier = json.loads(path.read_text())
         sets = earlier.get("sets", {})
         earlier["sets"] = pretraining_sets(sets) if isinstance(sets, list) else sets  # list: older runs
+        earlier.setdefault("curve_points", CURVE_POINTS)  # runs from before --quick probed fewer
         changed = sorted(k for k in settings.keys() | earlier.keys() if earlier.get(k) != settings.get(k))
         if changed:
             raise SystemExit(
@@ -388,6 +408,7 @@ def supervised_anchor(
     y = np.asarray([label_of[evaluation.paths[i]] for i in rows], dtype=np.int64)
     score = config.score.model_copy(update={"epochs": epochs})
     spec = ProxySpec.from_config(score, len(split.classes), image_size=evaluation.size.img_size)
+    spec = replace(spec, threads=torch.get_num_threads())  # the driver's, not a proxy task's
     trained = train_proxy(ArrayWindows(split.train_images[rows]), y, spec, seed)
     model = spec.build()
     model.load_state_dict(trained.state)
@@ -422,7 +443,8 @@ def run_arm(
         log.info("%s seed %d: an earlier run stopped part-way; starting it again", arm.name, seed)
         shutil.rmtree(out)
     pruned = prune_arm(arm, seed, scored_url, str(out), args)
-    every = max(1, args.steps // CURVE_POINTS)  # a checkpoint at each quarter of the budget, all kept
+    # A checkpoint at each 1/curve_points of the budget (quarters in the full run), all kept.
+    every = max(1, args.steps // args.curve_points)
     config = load_config(
         None,
         overrides(
@@ -430,7 +452,7 @@ def run_arm(
             **{
                 "pretrain.seed": seed,
                 "pretrain.checkpoint_every": every,
-                "pretrain.num_to_keep": CURVE_POINTS + 1,
+                "pretrain.num_to_keep": args.curve_points + 1,
             },
         ),
     )
@@ -581,8 +603,8 @@ def write_markdown(path: Path, table: pd.DataFrame, baselines: dict, settings: d
         "",
         f"Supervised anchor: `{settings['anchor_model']}` trained {settings['anchor_epochs']} epochs on each "
         "kept set with the labels curation saw, clean test accuracy. Steps to full's probe: the first "
-        f"checkpoint (every {settings['steps'] // CURVE_POINTS} steps) whose linear probe reaches the full-data "
-        "arm's final mean; (k/n): seeds that reached it within the budget.",
+        f"checkpoint (every {settings['steps'] // settings['curve_points']} steps) whose linear probe reaches "
+        "the full-data arm's final mean; (k/n): seeds that reached it within the budget.",
         "",
     ]
     path.write_text("\n".join(lines))
@@ -670,6 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
         "offset": args.offset,
         "seeds": args.seeds,
         "steps": args.steps,
+        "curve_points": args.curve_points,
         "quick": args.quick,
         "sets": args.sets,
         "prototype_policy": PROTOTYPE_POLICY,

@@ -64,6 +64,23 @@ def test_the_recipe_comes_first_and_the_users_settings_win() -> None:
         script.parse_args([*base, "--set", "pretrain.base_lr"])
 
 
+def test_quick_shortens_every_costly_step_and_the_users_settings_still_win() -> None:
+    script = load_script()
+    base = ["--data", "/d/train", "--test", "/d/test", "--output", "/d/out", "--quick"]
+    args = script.parse_args(base)
+    assert (args.seeds, args.steps) == (1, script.QUICK_STEPS)
+    assert (args.curve_points, args.anchor_epochs) == (script.QUICK_CURVE_POINTS, script.QUICK_ANCHOR_EPOCHS)
+    assert args.steps < script.FULL_STEPS and args.anchor_epochs < script.ANCHOR_EPOCHS
+    assert args.sets[-len(script.QUICK_RECIPE) :] == list(script.QUICK_RECIPE)
+    mine = script.parse_args(
+        [*base, "--steps", "40", "--anchor-epochs", "0", "--set", "evaluate.finetune_epochs=2"]
+    )
+    assert (mine.steps, mine.anchor_epochs, mine.sets[-1]) == (40, 0, "evaluate.finetune_epochs=2")
+    full = script.parse_args(base[:-1])
+    assert (full.curve_points, full.anchor_epochs) == (script.CURVE_POINTS, script.ANCHOR_EPOCHS)
+    assert not set(script.QUICK_RECIPE) & set(full.sets)
+
+
 def test_the_committed_full_run_resumes_with_its_documented_command(tmp_path: Path) -> None:
     """experiments/README.md's command, with its settings now partly the script's recipe, still matches
     the run.json committed with the full run (written before the recipe, as a list of `--set`s), so its
