@@ -134,13 +134,6 @@ def thumbnails(images: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
     return F.normalize(x, dim=1).numpy()
 
 
-def _find(parent: np.ndarray, i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
-
-
 def near_duplicate_groups(images: np.ndarray, threshold: float, block: int = 2048) -> np.ndarray:
     """Group id per image (N,) int64: the smallest row index in its near-duplicate group (its own index
     when it has no near-duplicate). Flat images (no contrast) are never grouped."""
@@ -161,25 +154,39 @@ def thumbnail_groups(
 ) -> np.ndarray:
     """`near_duplicate_groups` from the images' `thumbnails` (N, D): an array, or rows kept in the object
     store (`stages.pixels.StoredRows`), read a tile at a time. The similarities are computed tile by tile
-    on `device` (a GPU with `score.use_gpu`); only the pairs over the threshold come back."""
+    on `device` (a GPU with `score.use_gpu`); only the pairs over the threshold come back.
+
+    Groups are stars, not chains: in row order, an image joins the first earlier *leader* (an image that
+    joined no group) it is similar to, else it leads a group of its own. Every member is then a
+    near-duplicate of the image prune keeps (the leader, first by row). Linking every similar pair instead
+    chains look-alikes into one group: 149 of 300 Fashion-MNIST trousers, some pairs at cosine 0.75."""
     n = len(thumbs)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    parent = np.arange(n)
+    groups = np.arange(n)
+    leader = np.zeros(n, dtype=bool)
     for start in range(0, n, block):
         left = _tile(thumbs, start, start + block, device)
-        for column in range(start, n, block):  # square tiles: memory O(block²) however large N grows
-            right = left if column == start else _tile(thumbs, column, column + block, device)
-            sims = left @ right.T
-            rows, cols = (v.cpu().numpy() for v in torch.nonzero(sims >= threshold, as_tuple=True))
-            for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-                i, j = start + r, column + c
-                if j <= i:
-                    continue
-                a, b = _find(parent, i), _find(parent, j)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-    groups = np.asarray([_find(parent, i) for i in range(n)], dtype=np.int64)
+        first = np.full(len(left), -1)  # each row's first matching leader in the tiles before this one
+        for column in range(0, start, block):  # square tiles: memory O(block²) however large N grows
+            leads = torch.as_tensor(leader[column : column + block], device=device)
+            if not bool(leads.any()):
+                continue
+            hits = (left @ _tile(thumbs, column, column + block, device).T >= threshold) & leads
+            found = hits.any(1).cpu().numpy()
+            at = column + hits.int().argmax(1).cpu().numpy()  # argmax: the first True
+            first = np.where((first < 0) & found, at, first)
+        within = torch.tril(left @ left.T >= threshold, diagonal=-1).cpu().numpy()  # pairs (r, c < r)
+        similar = within.any(1)
+        for r in range(len(left)):  # in row order: a row's leaders in this tile are decided before it
+            if first[r] >= 0:
+                groups[start + r] = first[r]
+                continue
+            earlier = np.flatnonzero(within[r, :r] & leader[start : start + r]) if similar[r] else ()
+            if len(earlier):
+                groups[start + r] = start + earlier[0]
+            else:
+                leader[start + r] = True
     log.info("near-duplicates: %d images in %d groups", int((groups != np.arange(n)).sum()), _multi(groups))
     return groups
 

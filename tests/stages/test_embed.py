@@ -99,6 +99,21 @@ def test_duplicate_tiles_give_the_groups_of_one_pass() -> None:
         np.testing.assert_array_equal(thumbnail_groups(thumbs, threshold=0.98, block=block), one_pass)
 
 
+def test_near_duplicate_groups_are_stars_not_chains() -> None:
+    """Each image is grouped only with an image it is itself similar to (its group's first, the one prune
+    keeps): a run of look-alikes, each close to the next, is not one group. Tiles change nothing."""
+    step = np.arccos(0.985)  # neighbours at cosine 0.985; two steps apart 0.94, under the threshold
+    angles = np.arange(6) * step
+    thumbs = np.zeros((8, 4), dtype=np.float32)
+    thumbs[:6, 0], thumbs[:6, 1] = np.cos(angles), np.sin(angles)
+    thumbs[6:, 2:] = np.eye(2)  # two unrelated images
+    for block in (1, 4, 64):
+        groups = thumbnail_groups(thumbs, threshold=0.98, block=block)
+        assert groups.tolist() == [0, 0, 2, 2, 4, 4, 6, 7], block
+    sims = thumbs @ thumbs.T
+    assert all(sims[i, g] >= 0.98 for i, g in enumerate(groups))
+
+
 def test_duplicates_read_from_the_object_store_match_the_array(ray_cluster: None) -> None:
     """Thumbnails kept in the object store in pieces (as curation keeps them, off the driver) and read a
     tile at a time give the groups of the array in memory, tiles straddling the pieces."""
