@@ -14,9 +14,9 @@
    the prototype distance) at the first keep.
 4. Every arm pretrains the same model for the same steps and batch (`RECIPE`, then `--set`), once per
    seed (`pretrain.seed` and the random policy's seed), keeping a checkpoint at each quarter of the
-   budget (`--quick`: each half), and is evaluated on the clean `--test` folder (kNN, linear probe, fine-tune), the probes
-   learning from the training folder's true labels, never the flipped ones. The raw-pixel and random-init
-   baselines are measured once, on the same decoded split.
+   budget (`--quick`: each half), and is evaluated on the clean `--test` folder (kNN, linear probe,
+   fine-tune), the probes learning from the training folder's true labels, never the flipped ones. The
+   raw-pixel and random-init baselines are measured once, on the same decoded split.
 5. Compute to reach: each arm's checkpoints are probed, and `steps_to_full` is the first checkpoint step
    whose linear probe reaches the full-data arm's final mean (None: not within the budget).
 6. The supervised Data Diet anchor: the proxy architecture (`score.model`) trained `--anchor-epochs` on each
@@ -603,8 +603,8 @@ def write_markdown(path: Path, table: pd.DataFrame, baselines: dict, settings: d
         "",
         f"Supervised anchor: `{settings['anchor_model']}` trained {settings['anchor_epochs']} epochs on each "
         "kept set with the labels curation saw, clean test accuracy. Steps to full's probe: the first "
-        f"checkpoint (every {settings['steps'] // settings['curve_points']} steps) whose linear probe reaches "
-        "the full-data arm's final mean; (k/n): seeds that reached it within the budget.",
+        f"checkpoint (every {settings['steps'] // settings['curve_points']} steps) whose linear probe "
+        "reaches the full-data arm's final mean; (k/n): seeds that reached it within the budget.",
         "",
     ]
     path.write_text("\n".join(lines))
